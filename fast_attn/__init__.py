@@ -1,0 +1,32 @@
+"""fast_attn: fused attention, normalization and feed-forward kernels for PyTorch.
+
+Every op runs on one of three backends ("cuda", "triton", "torch"; see
+``fast_attn.backends``) behind one autograd API of torch.library custom ops, so
+``torch.compile`` traces them. Importing this package compiles nothing and probes no GPU.
+
+    import fast_attn
+    out = fast_attn.attention(q, k, v, causal=True)        # (B, S, H, D)
+    y, h = fast_attn.rms_norm(x, weight, residual=h)       # fused residual add
+    fast_attn.available_backends()                         # what runs here, and why not
+"""
+
+from fast_attn.backends import available_backends, use_backend
+from fast_attn.ops.attention import attention, attention_varlen, attention_with_kvcache, dropout_mask
+from fast_attn.ops.ffn import bias_gelu, geglu, swiglu
+from fast_attn.ops.norm import layer_norm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "attention_with_kvcache",
+    "available_backends",
+    "bias_gelu",
+    "dropout_mask",
+    "geglu",
+    "layer_norm",
+    "rms_norm",
+    "swiglu",
+    "use_backend",
+]

@@ -1,0 +1,301 @@
+"""LayerNorm and RMSNorm ops, with the fused residual add: custom ops, fake functions, autograd.
+
+Public functions:
+
+- ``layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None, backend="auto")``
+- ``rms_norm(x, weight=None, eps=1e-6, residual=None, backend="auto")``
+
+Both normalise over the last dimension of ``x (..., N)``. Without ``residual`` they return
+``y`` (x's shape and dtype). With ``residual`` (x's shape and dtype) they compute
+``h = x + residual`` and return ``(norm(h), h)``: the pre-norm block's "add, then
+normalise", where ``h`` is the next residual stream. Statistics are fp32 (fp64 for fp64).
+Gradients flow to x, residual, weight and bias; the caller's tensors are never written.
+
+Layers: ``fast_attn::{layer,rms}_norm_fwd`` / ``_bwd`` are torch.library custom ops whose
+implementation asks ``fast_attn.backends`` which backend runs the call; the torch backend
+is the reference in ``fast_attn.reference.norm`` (its backward is autograd through it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fast_attn import backends
+from fast_attn.ops import _checks
+from fast_attn.ops._reference_grad import reference_vjp
+from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref, stats_dtype
+
+_EMPTY = (0,)  # shape of the placeholder returned for an absent optional output
+
+
+def _call(op: str, x: Tensor, *, weight, bias, residual, backward: bool) -> backends.Call:
+    feats = backends.features(
+        weight=weight is not None,
+        bias=bias is not None,
+        residual=residual is not None,
+        backward=backward,
+    )
+    return backends.Call(op, x.device.type, x.dtype, feats)
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+def _norm_fwd_torch(op, x, weight, bias, residual, eps):
+    if op == "layer_norm":
+        result = layer_norm_ref(x, weight, bias, eps, residual)
+        mean = result.mean
+    else:
+        result = rms_norm_ref(x, weight, eps, residual)
+        mean = x.new_empty(_EMPTY, dtype=stats_dtype(x.dtype))
+    h = result.h if result.h is not None else x.new_empty(_EMPTY)
+    return result.y, h, mean, result.rstd
+
+
+# Forward kernels by backend: fn(op, x, weight, bias, residual, eps) -> (y, h, mean, rstd).
+# A kernel issue adds its "triton"/"cuda" entry here and its CAPABILITIES in backends.py.
+_FWD_KERNELS = {"torch": _norm_fwd_torch}
+
+
+def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
+    """(y, h or empty, mean or empty, rstd) from the backend chosen for this call."""
+    call = _call(op, x, weight=weight, bias=bias, residual=residual, backward=False)
+    name = backends.resolve_backend(call, backend)
+    if x.numel() == 0:
+        name = "torch"  # nothing to launch; the reference returns the empty results
+    return _FWD_KERNELS[name](op, x, weight, bias, residual, eps)
+
+
+def _norm_fwd_fake(op, x, weight, bias, residual, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    sdtype = stats_dtype(x.dtype)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(_EMPTY)
+    mean = x.new_empty((rows,) if op == "layer_norm" else _EMPTY, dtype=sdtype)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, h, mean, x.new_empty((rows,), dtype=sdtype)
+
+
+@torch.library.custom_op("fast_attn::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h (empty without residual), mean (rows,), rstd (rows,)); stats fp32."""
+    return _norm_fwd("layer_norm", x, weight, bias, residual, eps, backend)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, backend):
+    return _norm_fwd_fake("layer_norm", x, weight, bias, residual, eps)
+
+
+@torch.library.custom_op("fast_attn::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h (empty without residual), empty, rstd (rows,)); stats fp32."""
+    return _norm_fwd("rms_norm", x, weight, None, residual, eps, backend)
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, residual, eps, backend):
+    return _norm_fwd_fake("rms_norm", x, weight, None, residual, eps)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _norm_bwd_torch(op, dy, dh, inp, weight, bias, mean, rstd, eps):
+    """Autograd through the reference from the normalised input ``inp`` (x or h); the
+    saved statistics are not needed since the reference recomputes them."""
+    if op == "layer_norm":
+        fn = lambda x_, w_, b_: layer_norm_ref(x_, w_, b_, eps).y  # noqa: E731
+    else:
+        fn = lambda x_, w_, b_: rms_norm_ref(x_, w_, eps).y  # noqa: E731
+    dx, dweight, dbias = reference_vjp(fn, (inp, weight, bias), (dy,))
+    return (dx if dh is None else dx + dh), dweight, dbias
+
+
+# Backward kernels by backend: fn(op, dy, dh, inp, weight, bias, mean, rstd, eps)
+# -> (dx including dh, dweight or None, dbias or None).
+_BWD_KERNELS = {"torch": _norm_bwd_torch}
+
+
+def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
+    """(dx, dweight or empty, dbias or empty); dx includes dh, the gradient flowing into h."""
+    call = _call(op, inp, weight=weight, bias=bias, residual=dh is not None, backward=True)
+    name = backends.resolve_backend(call, backend)
+    if inp.numel() == 0:
+        name = "torch"
+    dx, dweight, dbias = _BWD_KERNELS[name](op, dy, dh, inp, weight, bias, mean, rstd, eps)
+    empty = inp.new_empty(_EMPTY)
+    return dx, empty if dweight is None else dweight, empty if dbias is None else dbias
+
+
+def _norm_bwd_fake(dy, inp, weight, bias):
+    empty = inp.new_empty(_EMPTY)
+    return (
+        torch.empty_like(inp, memory_format=torch.contiguous_format),
+        empty if weight is None else torch.empty_like(weight),
+        empty if bias is None else torch.empty_like(bias),
+    )
+
+
+@torch.library.custom_op("fast_attn::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    inp: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _norm_bwd("layer_norm", dy, dh, inp, weight, bias, mean, rstd, eps, backend)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, dh, inp, weight, bias, mean, rstd, eps, backend):
+    return _norm_bwd_fake(dy, inp, weight, bias)
+
+
+@torch.library.custom_op("fast_attn::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    inp: Tensor,
+    weight: Optional[Tensor],
+    rstd: Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _norm_bwd("rms_norm", dy, dh, inp, weight, None, None, rstd, eps, backend)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, dh, inp, weight, rstd, eps, backend):
+    return _norm_bwd_fake(dy, inp, weight, None)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps, backend = inputs
+    _, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.eps, ctx.backend = eps, backend
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    inp, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(
+        dy, dh if ctx.has_residual else None, inp, weight, bias, mean, rstd, ctx.eps, ctx.backend
+    )
+    return (
+        dx,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        dx if ctx.has_residual else None,
+        None,
+        None,
+    )
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, eps, backend = inputs
+    _, h, _, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.eps, ctx.backend = eps, backend
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+
+def _rms_norm_backward(ctx, dy, dh, _dmean, _drstd):
+    inp, weight, rstd = ctx.saved_tensors
+    dx, dweight, _ = rms_norm_bwd(
+        dy, dh if ctx.has_residual else None, inp, weight, rstd, ctx.eps, ctx.backend
+    )
+    return dx, dweight if weight is not None else None, dx if ctx.has_residual else None, None, None
+
+
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+# ------------------------------------------------------------------------- public API
+
+
+def _validate(x, weight, bias, residual, eps, backend):
+    _checks.check_tensor("x", x, min_ndim=1)
+    width = x.shape[-1]
+    if width < 1:
+        raise ValueError(f"x must have a last dimension (the normalised width) >= 1, got shape {tuple(x.shape)}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            _checks.check_tensor(name, param, ndim=1)
+            _checks.check_shape(name, param, (width,), "(the last dimension of x)")
+    if residual is not None:
+        _checks.check_tensor("residual", residual)
+        _checks.check_shape("residual", residual, x.shape, "(the shape of x)")
+        _checks.check_same_dtype("x", x, residual=residual)
+    _checks.check_same_device("x", x, weight=weight, bias=bias, residual=residual)
+    eps = _checks.check_float("eps", eps, low=0.0, high=float("inf"), high_inclusive=False)
+    backends.requested_backend(backend)
+    return eps
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+):
+    """LayerNorm over the last dimension: ``(h - mean(h)) / sqrt(var(h) + eps) * weight + bias``.
+
+    Args:
+        x: ``(..., N)``, float16/bfloat16/float32/float64; rows may be strided.
+        weight, bias: ``(N,)`` or None; any float dtype (computed in fp32).
+        eps: added to the (biased) variance.
+        residual: None, or x's shape and dtype: normalise ``h = x + residual`` instead.
+        backend: "auto", "cuda", "triton" or "torch" (see ``fast_attn.backends``).
+
+    Returns:
+        ``y`` (x's shape and dtype), or ``(y, h)`` when ``residual`` is given.
+    """
+    eps = _validate(x, weight, bias, residual, eps, backend)
+    y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, eps, backend)
+    return y if residual is None else (y, h)
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+):
+    """RMSNorm over the last dimension: ``h / sqrt(mean(h^2) + eps) * weight``.
+
+    Args and returns as ``layer_norm`` (no bias).
+    """
+    eps = _validate(x, weight, None, residual, eps, backend)
+    y, h, _, _ = rms_norm_fwd(x, weight, residual, eps, backend)
+    return y if residual is None else (y, h)

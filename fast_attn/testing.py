@@ -1,0 +1,88 @@
+"""The tolerance rule every kernel is verified with (FlashAttention's; DESIGN.md).
+
+A kernel's result is compared with the reference computed in high precision (the
+*oracle*: fp64 on CPU, fp32 on GPU). The error it is allowed is relative to what plain
+PyTorch achieves in the input dtype (the *baseline*: the same reference computed in
+that dtype): ``max|kernel - oracle| <= factor * max|baseline - oracle| + floor``, with
+``factor`` 2 for outputs and 3 for gradients and ``floor`` one unit in the last place of
+the input dtype at the oracle's magnitude. Infinities must match exactly (a fully
+masked row's LSE is ``-inf``); a NaN where the oracle has none always fails.
+
+Used by the tests and by ``python -m fast_attn.verify``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+OUTPUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One tolerance-rule comparison; truthy when it passes."""
+
+    error: float  # max |actual - oracle|
+    baseline_error: float  # max |baseline - oracle|
+    allowed: float  # factor * baseline_error + floor
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.message and self.error <= self.allowed
+
+    @property
+    def ratio(self) -> float:
+        """error / allowed: at most 1 passes (reported in the verify matrix)."""
+        return self.error / self.allowed if self.allowed > 0 else float("inf")
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else "FAIL"
+        detail = f" ({self.message})" if self.message else ""
+        return (
+            f"{status}: error {self.error:.3g} vs allowed {self.allowed:.3g} "
+            f"(baseline error {self.baseline_error:.3g}){detail}"
+        )
+
+
+def _max_abs_diff(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    same_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def ulp_floor(dtype: torch.dtype, oracle: Tensor) -> float:
+    """One unit in the last place of ``dtype`` at the oracle's magnitude (at least 1)."""
+    finite = oracle[torch.isfinite(oracle)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    return torch.finfo(dtype).eps * scale
+
+
+def compare(actual: Tensor, oracle: Tensor, baseline: Tensor, *, factor: float = OUTPUT_FACTOR) -> Comparison:
+    """The tolerance rule for ``actual`` (in the input dtype) against the fp64/fp32 oracle."""
+    if actual.shape != oracle.shape:
+        return Comparison(float("inf"), 0.0, 0.0, f"shape {tuple(actual.shape)} != {tuple(oracle.shape)}")
+    nan_actual = torch.isnan(actual) & ~torch.isnan(oracle)
+    baseline_error = _max_abs_diff(baseline, oracle)
+    allowed = factor * baseline_error + ulp_floor(actual.dtype, oracle)
+    if bool(nan_actual.any()):
+        return Comparison(float("nan"), baseline_error, allowed, f"{int(nan_actual.sum())} NaN(s)")
+    inf_mismatch = torch.isinf(actual) != torch.isinf(oracle)
+    if bool(inf_mismatch.any()):
+        return Comparison(float("inf"), baseline_error, allowed, f"{int(inf_mismatch.sum())} inf mismatch(es)")
+    return Comparison(_max_abs_diff(actual, oracle), baseline_error, allowed)
+
+
+def assert_close(actual: Tensor, oracle: Tensor, baseline: Tensor, *, factor: float = OUTPUT_FACTOR, name: str = "output") -> None:
+    """``compare`` that raises AssertionError with the numbers when the rule fails."""
+    result = compare(actual, oracle, baseline, factor=factor)
+    if not result:
+        raise AssertionError(f"{name}: {result}")

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-command set-up and the two jobs named in the README:
+#   bash scripts/dev.sh main   set up, then verify every available backend against the reference
+#   bash scripts/dev.sh test   set up, then run the test suite (GPU tests skip without a GPU)
+# Set-up creates .venv (reusing a preinstalled torch when the system Python has one, as on
+# a GPU machine without a package registry), installs what is missing, and installs
+# fast_attn in editable mode, building the CUDA extension when torch has CUDA and nvcc exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job="${1:-}"
+shift || true
+case "$job" in
+  main|test) ;;
+  *) echo "usage: bash scripts/dev.sh main|test [extra arguments]" >&2; exit 2 ;;
+esac
+
+TORCH_PIN="torch==2.14.1"  # CUDA 13.0 build: links the extension against the local nvcc 13.0
+
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    if python3 -c "import torch" >/dev/null 2>&1; then
+      python3 -m venv --system-site-packages .venv
+    else
+      python3 -m venv .venv
+    fi
+  fi
+  PY=.venv/bin/python
+  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet "$TORCH_PIN"
+  fi
+  local missing=()
+  for module in numpy pytest ninja setuptools wheel; do
+    "$PY" -c "import $module" >/dev/null 2>&1 || missing+=("$module")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    "$PY" -m pip install --quiet "${missing[@]}"
+  fi
+  local start=$SECONDS
+  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+  echo "dev.sh: fast_attn installed in $((SECONDS - start)) s"
+}
+
+setup
+if [ "$job" = main ]; then
+  exec "$PY" -m fast_attn.verify "$@"
+else
+  exec "$PY" -m pytest -q "$@"
+fi
