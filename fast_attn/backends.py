@@ -51,6 +51,8 @@ ATTENTION_FEATURES = frozenset(
         "gqa",  # fewer K/V heads than query heads
         "deterministic",  # bitwise-reproducible backward requested
         "backward",  # the backward pass
+        "mask_grad",  # the gradient of an additive attn_mask that requires grad
+        "alibi_grad",  # the gradient of alibi_slopes that require grad
     }
 )
 NORM_FEATURES = frozenset({"weight", "bias", "residual", "backward"})
@@ -59,7 +61,8 @@ ACTIVATION_FEATURES = frozenset({"bias", "gelu_tanh", "backward"})
 OP_FEATURES: Mapping[str, frozenset] = {
     "attention": ATTENTION_FEATURES,
     "attention_varlen": ATTENTION_FEATURES,
-    "attention_with_kvcache": ATTENTION_FEATURES - {"dropout", "bool_mask", "additive_mask"},
+    "attention_with_kvcache": ATTENTION_FEATURES
+    - {"dropout", "bool_mask", "additive_mask", "backward", "deterministic", "mask_grad", "alibi_grad"},
     "layer_norm": NORM_FEATURES,
     "rms_norm": NORM_FEATURES - {"bias"},
     "bias_gelu": ACTIVATION_FEATURES,

@@ -20,7 +20,8 @@ window and bool masks remove keys. Causal with ``Sq != Sk`` is aligned bottom-ri
 
 A query row that sees no key gets output 0 and LSE ``-inf`` (and zero gradients).
 ``lse`` is ``log(sum(exp(s)))`` over the kept keys, fp32 ``(B, H, Sq)`` (varlen:
-``(H, total_q)``); it carries no gradient, and neither do ``attn_mask`` and ``alibi_slopes``.
+``(H, total_q)``); it carries no gradient. A float ``attn_mask`` or ``alibi_slopes`` that
+requires grad gets its gradient (a learned bias); only the torch backend computes those.
 
 Dropout drops entries of the normalised attention matrix with probability ``dropout_p``
 and scales the rest by ``1 / (1 - dropout_p)``. The keep-mask is a counter-based hash of
@@ -50,6 +51,7 @@ from fast_attn.reference.attention import (
     dropout_keep_mask,
 )
 
+_NO_GRAD = (0,)  # shape of the placeholder returned for a gradient nobody asked for
 _SEED_LIMIT = 2**62  # seeds are drawn in [0, 2**62); users may pass any int in [0, 2**63)
 
 
@@ -57,8 +59,10 @@ _SEED_LIMIT = 2**62  # seeds are drawn in [0, 2**62); users may pass any int in 
 
 
 def _call(op, q, k, *, causal, window, alibi_slopes, softcap, attn_mask, dropout_p,
-          deterministic, backward) -> backends.Call:
+          deterministic, backward, mask_grad=False, alibi_grad=False) -> backends.Call:
     feats = backends.features(
+        mask_grad=mask_grad,
+        alibi_grad=alibi_grad,
         causal=causal,
         window=tuple(window) != (-1, -1),
         alibi=alibi_slopes is not None,
@@ -90,12 +94,14 @@ def _attention_torch(q, k, v, attn_mask, alibi_slopes, seed, causal, softmax_sca
 
 
 def _attention_bwd_torch(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed, causal,
-                         softmax_scale, window, softcap, dropout_p, deterministic):
-    def fn(q_, k_, v_):
-        return _attention_torch(q_, k_, v_, attn_mask, alibi_slopes, seed, causal,
-                                softmax_scale, window, softcap, dropout_p)[0]
+                         softmax_scale, window, softcap, dropout_p, deterministic, mask_grad,
+                         alibi_grad):
+    def fn(q_, k_, v_, mask_, slopes_):
+        return _attention_torch(q_, k_, v_, mask_, slopes_, seed, causal, softmax_scale,
+                                window, softcap, dropout_p)[0]
 
-    return reference_vjp(fn, (q, k, v), (dout,))
+    return reference_vjp(fn, (q, k, v, attn_mask, alibi_slopes), (dout,),
+                         differentiable=(True, True, True, mask_grad, alibi_grad))
 
 
 # Kernels by backend. A kernel issue adds its "triton"/"cuda" entries here and its
@@ -105,7 +111,28 @@ _BWD = {"torch": _attention_bwd_torch}
 
 
 def _empty_outputs(q: Tensor, lse_shape) -> tuple[Tensor, Tensor]:
-    return torch.zeros_like(q), torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    """What a call with no queries or no keys returns: out 0, lse -inf (contiguous)."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+
+
+def _bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad, grads=(None, None)):
+    """The dmask/dslopes outputs of a backward op: the gradient, or an empty placeholder."""
+    dmask, dslopes = grads
+    if mask_grad:
+        dmask = torch.zeros_like(attn_mask) if dmask is None else dmask.contiguous()
+    else:
+        dmask = attn_mask.new_empty(_NO_GRAD) if attn_mask is not None else torch.empty(_NO_GRAD)
+    if alibi_grad:
+        dslopes = torch.zeros_like(alibi_slopes) if dslopes is None else dslopes.contiguous()
+    else:
+        dslopes = alibi_slopes.new_empty(_NO_GRAD) if alibi_slopes is not None else torch.empty(_NO_GRAD)
+    return dmask, dslopes
+
+
+def _contiguous(*tensors: Tensor) -> tuple:
+    """Gradients are returned contiguous whatever the inputs' layout: the fake functions say so."""
+    return tuple(t.contiguous() for t in tensors)
 
 
 @torch.library.custom_op("fast_attn::attention_fwd", mutates_args=())
@@ -165,24 +192,39 @@ def attention_bwd(
     softcap: float,
     dropout_p: float,
     deterministic: bool,
+    mask_grad: bool,
+    alibi_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv); dk/dv are summed over the query heads that share a K/V head."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask, dslopes); dk/dv are summed over the query heads that share a
+    K/V head; dmask/dslopes are empty unless mask_grad/alibi_grad ask for them."""
     window = (window_left, window_right)
     call = _call("attention", q, k, causal=causal, window=window, alibi_slopes=alibi_slopes,
                  softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
-                 deterministic=deterministic, backward=True)
+                 deterministic=deterministic, backward=True, mask_grad=mask_grad,
+                 alibi_grad=alibi_grad)
     name = backends.resolve_backend(call, backend)
     if q.numel() == 0 or k.shape[1] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return _BWD[name](dout, q, k, v, out, lse, attn_mask, alibi_slopes,
-                      _seed_int(dropout_seed, dropout_p), causal, softmax_scale, window,
-                      softcap, dropout_p, deterministic)
+        zeros = tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        return *zeros, *_bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad)
+    dq, dk, dv, dmask, dslopes = _BWD[name](
+        dout, q, k, v, out, lse, attn_mask, alibi_slopes, _seed_int(dropout_seed, dropout_p),
+        causal, softmax_scale, window, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
+    )
+    return (*_contiguous(dq, dk, dv),
+            *_bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad, (dmask, dslopes)))
+
+
+def _bwd_fake(q, k, v, attn_mask, alibi_slopes, mask_grad, alibi_grad):
+    grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return *grads, *_bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, *args):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+def _(dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
+      window_left, window_right, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
+      backend):
+    return _bwd_fake(q, k, v, attn_mask, alibi_slopes, mask_grad, alibi_grad)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -192,11 +234,22 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed)
 
 
+def _bias_grad_flags(ctx, attn_mask, mask_index):
+    """Whether autograd wants the gradients of the additive mask and of the ALiBi slopes."""
+    mask_grad = ctx.needs_input_grad[mask_index] and attn_mask is not None and attn_mask.is_floating_point()
+    return bool(mask_grad), bool(ctx.needs_input_grad[mask_index + 1])
+
+
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes,
-                               dropout_seed, *ctx.options)
-    return dq, dk, dv, None, None, None, *([None] * len(ctx.options))
+    *options, backend = ctx.options
+    mask_grad, alibi_grad = _bias_grad_flags(ctx, attn_mask, 3)
+    dq, dk, dv, dmask, dslopes = attention_bwd(
+        dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, *options, mask_grad,
+        alibi_grad, backend,
+    )
+    return (dq, dk, dv, dmask if mask_grad else None, dslopes if alibi_grad else None, None,
+            *([None] * len(ctx.options)))
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -217,13 +270,14 @@ def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, attn_mask, alibi_slopes, seed, causal, softmax_scale,
-                      window, softcap, dropout_p, deterministic):
-    def fn(q_, k_, v_):
+                      window, softcap, dropout_p, deterministic, mask_grad, alibi_grad):
+    def fn(q_, k_, v_, mask_, slopes_):
         return _varlen_torch(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, attn_mask, alibi_slopes, seed, causal,
-                             softmax_scale, window, softcap, dropout_p)[0]
+                             max_seqlen_k, mask_, slopes_, seed, causal, softmax_scale,
+                             window, softcap, dropout_p)[0]
 
-    return reference_vjp(fn, (q, k, v), (dout,))
+    return reference_vjp(fn, (q, k, v, attn_mask, alibi_slopes), (dout,),
+                         differentiable=(True, True, True, mask_grad, alibi_grad))
 
 
 _VARLEN_FWD = {"torch": _varlen_torch}
@@ -257,6 +311,7 @@ def attention_varlen_fwd(
                  alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=attn_mask,
                  dropout_p=dropout_p, deterministic=deterministic, backward=False)
     name = backends.resolve_backend(call, backend)
+    _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if q.numel() == 0:
         return _empty_outputs(q, (q.shape[1], q.shape[0]))
     out, lse = _VARLEN_FWD[name](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -295,24 +350,34 @@ def attention_varlen_bwd(
     softcap: float,
     dropout_p: float,
     deterministic: bool,
+    mask_grad: bool,
+    alibi_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dmask, dslopes), as attention_bwd."""
     window = (window_left, window_right)
     call = _call("attention_varlen", q, k, causal=causal, window=window,
                  alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=attn_mask,
-                 dropout_p=dropout_p, deterministic=deterministic, backward=True)
+                 dropout_p=dropout_p, deterministic=deterministic, backward=True,
+                 mask_grad=mask_grad, alibi_grad=alibi_grad)
     name = backends.resolve_backend(call, backend)
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return _VARLEN_BWD[name](dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
-                             _seed_int(dropout_seed, dropout_p), causal, softmax_scale,
-                             window, softcap, dropout_p, deterministic)
+        zeros = tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        return *zeros, *_bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad)
+    dq, dk, dv, dmask, dslopes = _VARLEN_BWD[name](
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        attn_mask, alibi_slopes, _seed_int(dropout_seed, dropout_p), causal, softmax_scale,
+        window, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
+    )
+    return (*_contiguous(dq, dk, dv),
+            *_bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad, (dmask, dslopes)))
 
 
 @attention_varlen_bwd.register_fake
-def _(dout, q, k, v, *args):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale, window_left, window_right,
+      softcap, dropout_p, deterministic, mask_grad, alibi_grad, backend):
+    return _bwd_fake(q, k, v, attn_mask, alibi_slopes, mask_grad, alibi_grad)
 
 
 def _varlen_setup(ctx, inputs, output):
@@ -328,10 +393,14 @@ def _varlen_setup(ctx, inputs, output):
 def _varlen_backward(ctx, dout, _dlse):
     (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes,
      dropout_seed) = ctx.saved_tensors
-    dq, dk, dv = attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      *ctx.max_seqlens, attn_mask, alibi_slopes,
-                                      dropout_seed, *ctx.options)
-    return dq, dk, dv, *([None] * (7 + len(ctx.options)))
+    *options, backend = ctx.options
+    mask_grad, alibi_grad = _bias_grad_flags(ctx, attn_mask, 7)
+    dq, dk, dv, dmask, dslopes = attention_varlen_bwd(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, attn_mask,
+        alibi_slopes, dropout_seed, *options, mask_grad, alibi_grad, backend,
+    )
+    return (dq, dk, dv, None, None, None, None, dmask if mask_grad else None,
+            dslopes if alibi_grad else None, *([None] * (1 + len(ctx.options))))
 
 
 attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
@@ -374,6 +443,8 @@ def attention_with_kvcache_op(
                  alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=None, dropout_p=0.0,
                  deterministic=False, backward=False)
     name = backends.resolve_backend(call, backend)
+    new_len = 0 if k is None else k.shape[1]
+    _check_cache_seqlens_values(cache_seqlens, k_cache.shape[1], new_len)
     out, lse = _KVCACHE_FWD[name](q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes,
                                   causal, softmax_scale, window, softcap)
     return out, lse.float()
@@ -520,7 +591,7 @@ def attention(
         dropout_p: dropout probability in [0, 1) on the attention matrix.
         dropout_seed: seed of the dropout mask (see ``dropout_mask``); drawn from torch's
             default generator when None.
-        return_lse: also return the log-sum-exp, fp32 ``(B, H, Sq)``.
+        return_lse: also return the log-sum-exp, fp32 ``(B, H, Sq)`` (no gradient).
         deterministic: ask for a bitwise-reproducible backward.
         backend: "auto", "cuda", "triton" or "torch".
 
@@ -597,34 +668,48 @@ def attention_varlen(
 
 
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> int:
-    """Validates the packing; returns the number of sequences B."""
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    """Validates the packing's types and shapes; returns the number of sequences B.
+
+    The values are checked by ``_check_cu_seqlens_values`` inside the op, where the
+    tensors are real even under torch.compile.
+    """
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _checks.check_tensor(name, cu, ndim=1, float_dtype=False)
         if cu.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {cu.dtype}")
         _checks.check_same_device("q", q, **{name: cu})
         if cu.shape[0] < 1:
             raise ValueError(f"{name} must have B + 1 >= 1 entries, got none")
-        if torch.compiler.is_compiling():
-            continue  # the value checks below read the tensor; eager calls make them
-        values = cu.tolist()
-        if values[0] != 0 or values[-1] != total:
-            raise ValueError(f"{name} must start at 0 and end at {total} (the packed length), got {values[0]} .. {values[-1]}")
-        if any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {values}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
             f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
         )
-    for name, value, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
-        if not torch.compiler.is_compiling() and cu.shape[0] > 1:
-            longest = int((cu[1:] - cu[:-1]).max())
-            if longest > value:
-                raise ValueError(f"{name} ({value}) is smaller than the longest sequence ({longest})")
     return cu_seqlens_q.shape[0] - 1
+
+
+def _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The packing's values; reads the (small) tensors, a device sync on CUDA."""
+    packed = (("q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    for suffix, cu, total, longest_allowed in packed:
+        name = f"cu_seqlens_{suffix}"
+        values = cu.tolist()
+        if values[0] != 0 or values[-1] != total:
+            raise ValueError(
+                f"{name} must start at 0 and end at {total} (the packed length of {suffix}), "
+                f"got {values[0]} .. {values[-1]}"
+            )
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        if any(length < 0 for length in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {values}")
+        if lengths and max(lengths) > longest_allowed:
+            raise ValueError(
+                f"max_seqlen_{suffix} ({longest_allowed}) is smaller than the longest sequence "
+                f"({max(lengths)})"
+            )
 
 
 def attention_with_kvcache(
@@ -673,7 +758,7 @@ def attention_with_kvcache(
         _checks.check_same_dtype("k_cache", k_cache, k=k, v=v)
         _checks.check_same_device("q", q, k=k, v=v)
         new_len = k.shape[1]
-    cache_seqlens = _check_cache_seqlens(q, cache_seqlens, batch, cache_len, new_len)
+    cache_seqlens = _check_cache_seqlens(q, cache_seqlens, batch, new_len)
     softmax_scale, window, softcap, _ = _check_options(
         q, batch=batch, seqlen_q=seqlen_q, seqlen_k=cache_len, causal=causal,
         softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
@@ -692,7 +777,9 @@ def attention_with_kvcache(
     return (out, lse) if return_lse else out
 
 
-def _check_cache_seqlens(q, cache_seqlens, batch, cache_len, new_len) -> Optional[Tensor]:
+def _check_cache_seqlens(q, cache_seqlens, batch, new_len) -> Optional[Tensor]:
+    """Validates cache_seqlens' type and shape (an int becomes a tensor); the values are
+    checked by ``_check_cache_seqlens_values`` inside the op."""
     if cache_seqlens is None:
         if new_len:
             raise ValueError("cache_seqlens is required when appending k/v: where do they go?")
@@ -704,14 +791,20 @@ def _check_cache_seqlens(q, cache_seqlens, batch, cache_len, new_len) -> Optiona
         raise TypeError(f"cache_seqlens must be int32 (or a Python int), got {cache_seqlens.dtype}")
     _checks.check_shape("cache_seqlens", cache_seqlens, (batch,), "(B,)")
     _checks.check_same_device("q", q, cache_seqlens=cache_seqlens)
-    if not torch.compiler.is_compiling() and batch > 0:
-        low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if low < 0 or high + new_len > cache_len:
-            raise ValueError(
-                f"cache_seqlens + S_new must lie in [0, {cache_len}] (the cache length); got "
-                f"cache_seqlens in [{low}, {high}] with S_new = {new_len}"
-            )
     return cache_seqlens
+
+
+def _check_cache_seqlens_values(cache_seqlens: Optional[Tensor], cache_len: int, new_len: int) -> None:
+    """Every row's filled length plus the appended keys must fit in the cache (a device
+    sync on CUDA: the alternative is writing past the cache)."""
+    if cache_seqlens is None or cache_seqlens.numel() == 0:
+        return
+    low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if low < 0 or high + new_len > cache_len:
+        raise ValueError(
+            f"cache_seqlens + S_new must lie in [0, {cache_len}] (the cache length); got "
+            f"cache_seqlens in [{low}, {high}] with S_new = {new_len}"
+        )
 
 
 def dropout_mask(

@@ -74,7 +74,7 @@ def _bias_gelu_backend(x, bias, approximate, backend, backward):
 @torch.library.custom_op("fast_attn::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     name = _bias_gelu_backend(x, bias, approximate, backend, backward=False)
-    return _BIAS_GELU_FWD[name](x, bias, approximate)
+    return _BIAS_GELU_FWD[name](x, bias, approximate).contiguous()
 
 
 @bias_gelu_fwd.register_fake
@@ -89,7 +89,7 @@ def bias_gelu_bwd(
     """(dx, dbias); dbias is empty when bias is None."""
     name = _bias_gelu_backend(x, bias, approximate, backend, backward=True)
     dx, dbias = _BIAS_GELU_BWD[name](dy, x, bias, approximate)
-    return dx, x.new_empty(_EMPTY) if dbias is None else dbias
+    return dx.contiguous(), x.new_empty(_EMPTY) if dbias is None else dbias
 
 
 @bias_gelu_bwd.register_fake
@@ -144,7 +144,7 @@ def _glu_fake_like(t):
 @torch.library.custom_op("fast_attn::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     name = _glu_backend("swiglu", gate, None, backend, backward=False)
-    return _GLU_FWD[name](gate, up, None)
+    return _GLU_FWD[name](gate, up, None).contiguous()
 
 
 @swiglu_fwd.register_fake
@@ -155,7 +155,7 @@ def _(gate, up, backend):
 @torch.library.custom_op("fast_attn::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     name = _glu_backend("swiglu", gate, None, backend, backward=True)
-    return _GLU_BWD[name](dy, gate, up, None)
+    return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, None))
 
 
 @swiglu_bwd.register_fake
@@ -166,7 +166,7 @@ def _(dy, gate, up, backend):
 @torch.library.custom_op("fast_attn::geglu_fwd", mutates_args=())
 def geglu_fwd(gate: Tensor, up: Tensor, approximate: str, backend: str) -> Tensor:
     name = _glu_backend("geglu", gate, approximate, backend, backward=False)
-    return _GLU_FWD[name](gate, up, approximate)
+    return _GLU_FWD[name](gate, up, approximate).contiguous()
 
 
 @geglu_fwd.register_fake
@@ -179,7 +179,7 @@ def geglu_bwd(
     dy: Tensor, gate: Tensor, up: Tensor, approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     name = _glu_backend("geglu", gate, approximate, backend, backward=True)
-    return _GLU_BWD[name](dy, gate, up, approximate)
+    return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, approximate))
 
 
 @geglu_bwd.register_fake

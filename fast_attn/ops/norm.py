@@ -66,7 +66,9 @@ def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
     name = backends.resolve_backend(call, backend)
     if x.numel() == 0:
         name = "torch"  # nothing to launch; the reference returns the empty results
-    return _FWD_KERNELS[name](op, x, weight, bias, residual, eps)
+    y, h, mean, rstd = _FWD_KERNELS[name](op, x, weight, bias, residual, eps)
+    # Outputs are contiguous whatever x's layout: the fake function promises it.
+    return y.contiguous(), h.contiguous(), mean, rstd
 
 
 def _norm_fwd_fake(op, x, weight, bias, residual, eps):
@@ -139,16 +141,19 @@ def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
     if inp.numel() == 0:
         name = "torch"
     dx, dweight, dbias = _BWD_KERNELS[name](op, dy, dh, inp, weight, bias, mean, rstd, eps)
-    empty = inp.new_empty(_EMPTY)
-    return dx, empty if dweight is None else dweight, empty if dbias is None else dbias
+    # Separate placeholders: a custom op's outputs may not alias each other.
+    return (
+        dx.contiguous(),
+        inp.new_empty(_EMPTY) if dweight is None else dweight,
+        inp.new_empty(_EMPTY) if dbias is None else dbias,
+    )
 
 
 def _norm_bwd_fake(dy, inp, weight, bias):
-    empty = inp.new_empty(_EMPTY)
     return (
         torch.empty_like(inp, memory_format=torch.contiguous_format),
-        empty if weight is None else torch.empty_like(weight),
-        empty if bias is None else torch.empty_like(bias),
+        inp.new_empty(_EMPTY) if weight is None else torch.empty_like(weight),
+        inp.new_empty(_EMPTY) if bias is None else torch.empty_like(bias),
     )
 
 
