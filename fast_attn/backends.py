@@ -106,7 +106,11 @@ class Capability:
 # What each backend implements. A kernel issue that lands a new kernel adds its entry here.
 CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
     "torch": {op: Capability(FLOAT_DTYPES, features) for op, features in OP_FEATURES.items()},
-    "triton": {},
+    "triton": {
+        "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),
+        "swiglu": Capability(KERNEL_DTYPES, OP_FEATURES["swiglu"]),
+        "geglu": Capability(KERNEL_DTYPES, OP_FEATURES["geglu"]),
+    },
     "cuda": {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),
     },

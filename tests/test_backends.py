@@ -141,7 +141,7 @@ def test_explicit_backend_dtype_limit(kernel_capabilities):
         backends.select_backend(call, "cuda", statuses())
 
 
-def test_explicit_backend_without_kernel_for_op():
+def test_explicit_backend_without_kernel_for_op(kernel_capabilities):
     call = Call("geglu", "cuda", torch.float16, backends.features(backward=True))
     with pytest.raises(NotImplementedError, match=r"no geglu kernel.*\['torch'\]"):
         backends.select_backend(call, "triton", statuses())

@@ -56,9 +56,21 @@ def _torch_bias_gelu_bwd(dy, x, bias, approximate):
     return reference_vjp(lambda a, b: bias_gelu_ref(a, b, approximate), (x, bias), (dy,))
 
 
+def _triton_bias_gelu_fwd(x, bias, approximate):
+    from fast_attn.triton_kernels import ffn as triton_ffn
+
+    return triton_ffn.bias_gelu_fwd(x, bias, approximate == "tanh")
+
+
+def _triton_bias_gelu_bwd(dy, x, bias, approximate):
+    from fast_attn.triton_kernels import ffn as triton_ffn
+
+    return triton_ffn.bias_gelu_bwd(dy, x, bias, approximate == "tanh")
+
+
 # Kernels by backend. A kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_BIAS_GELU_FWD = {"torch": bias_gelu_ref, "cuda": _cuda_bias_gelu_fwd}
-_BIAS_GELU_BWD = {"torch": _torch_bias_gelu_bwd, "cuda": _cuda_bias_gelu_bwd}
+_BIAS_GELU_FWD = {"torch": bias_gelu_ref, "cuda": _cuda_bias_gelu_fwd, "triton": _triton_bias_gelu_fwd}
+_BIAS_GELU_BWD = {"torch": _torch_bias_gelu_bwd, "cuda": _cuda_bias_gelu_bwd, "triton": _triton_bias_gelu_bwd}
 
 
 def _bias_gelu_backend(x, bias, approximate, backend, backward):
@@ -126,9 +138,25 @@ def _torch_glu_bwd(dy, gate, up, approximate):
     return reference_vjp(lambda g, u: _torch_glu_fwd(g, u, approximate), (gate, up), (dy,))
 
 
+# approximate (None for SwiGLU, "none"/"tanh" for GeGLU) -> the Triton kernel's activation
+_TRITON_GLU_ACTIVATION = {None: "silu", "none": "gelu", "tanh": "gelu_tanh"}
+
+
+def _triton_glu_fwd(gate, up, approximate):
+    from fast_attn.triton_kernels import ffn as triton_ffn
+
+    return triton_ffn.glu_fwd(gate, up, _TRITON_GLU_ACTIVATION[approximate])
+
+
+def _triton_glu_bwd(dy, gate, up, approximate):
+    from fast_attn.triton_kernels import ffn as triton_ffn
+
+    return triton_ffn.glu_bwd(dy, gate, up, _TRITON_GLU_ACTIVATION[approximate])
+
+
 # Kernels by backend, fn(gate, up, approximate or None for SwiGLU); see _BIAS_GELU_FWD.
-_GLU_FWD = {"torch": _torch_glu_fwd}
-_GLU_BWD = {"torch": _torch_glu_bwd}
+_GLU_FWD = {"torch": _torch_glu_fwd, "triton": _triton_glu_fwd}
+_GLU_BWD = {"torch": _torch_glu_bwd, "triton": _triton_glu_bwd}
 
 
 def _glu_backend(op, gate, approximate, backend, backward):
