@@ -110,6 +110,8 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),
         "swiglu": Capability(KERNEL_DTYPES, OP_FEATURES["swiglu"]),
         "geglu": Capability(KERNEL_DTYPES, OP_FEATURES["geglu"]),
+        "layer_norm": Capability(KERNEL_DTYPES, OP_FEATURES["layer_norm"]),
+        "rms_norm": Capability(KERNEL_DTYPES, OP_FEATURES["rms_norm"]),
     },
     "cuda": {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),

@@ -55,9 +55,18 @@ def _norm_fwd_torch(op, x, weight, bias, residual, eps):
     return result.y, h, mean, result.rstd
 
 
+def _norm_fwd_triton(op, x, weight, bias, residual, eps):
+    from fast_attn.triton_kernels import norm as triton_norm  # imports triton only when used
+
+    y, h, mean, rstd = triton_norm.norm_fwd(op, x, weight, bias, residual, eps)
+    h = x.new_empty(_EMPTY) if h is None else h
+    mean = x.new_empty(_EMPTY, dtype=torch.float32) if mean is None else mean
+    return y, h, mean, rstd
+
+
 # Forward kernels by backend: fn(op, x, weight, bias, residual, eps) -> (y, h, mean, rstd).
 # A kernel issue adds its "triton"/"cuda" entry here and its CAPABILITIES in backends.py.
-_FWD_KERNELS = {"torch": _norm_fwd_torch}
+_FWD_KERNELS = {"torch": _norm_fwd_torch, "triton": _norm_fwd_triton}
 
 
 def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
@@ -131,7 +140,13 @@ def _norm_bwd_torch(op, dy, dh, inp, weight, bias, mean, rstd, eps):
 
 # Backward kernels by backend: fn(op, dy, dh, inp, weight, bias, mean, rstd, eps)
 # -> (dx including dh, dweight or None, dbias or None).
-_BWD_KERNELS = {"torch": _norm_bwd_torch}
+def _norm_bwd_triton(op, dy, dh, inp, weight, bias, mean, rstd, eps):
+    from fast_attn.triton_kernels import norm as triton_norm
+
+    return triton_norm.norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd)
+
+
+_BWD_KERNELS = {"torch": _norm_bwd_torch, "triton": _norm_bwd_triton}
 
 
 def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
