@@ -40,10 +40,6 @@ def check_tensor(
     return value
 
 
-def check_optional_tensor(name: str, value: object, **kwargs) -> Optional[Tensor]:
-    return None if value is None else check_tensor(name, value, **kwargs)
-
-
 def check_same_device(reference_name: str, reference: Tensor, **others: Optional[Tensor]) -> None:
     """Every tensor in ``others`` must be on ``reference``'s device."""
     for name, tensor in others.items():
@@ -93,12 +89,3 @@ def last_dim_contiguous(tensor: Tensor) -> Tensor:
     if tensor.dim() == 0 or tensor.stride(-1) == 1 or tensor.shape[-1] <= 1:
         return tensor
     return tensor.contiguous()
-
-
-def device_type(tensor: Tensor) -> str:
-    return tensor.device.type
-
-
-def grad_needed(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd will ask for a backward of this call."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
