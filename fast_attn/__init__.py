@@ -14,6 +14,16 @@ from fast_attn.backends import available_backends, use_backend
 from fast_attn.ops.attention import attention, attention_varlen, attention_with_kvcache, dropout_mask
 from fast_attn.ops.ffn import bias_gelu, geglu, swiglu
 from fast_attn.ops.norm import layer_norm, rms_norm
+from fast_attn.integrations.flash_attn import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+from fast_attn.integrations.sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -24,9 +34,17 @@ __all__ = [
     "available_backends",
     "bias_gelu",
     "dropout_mask",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "geglu",
     "layer_norm",
     "rms_norm",
+    "scaled_dot_product_attention",
     "swiglu",
     "use_backend",
 ]
