@@ -24,6 +24,7 @@ from fast_attn.integrations.flash_attn import (
     flash_attn_with_kvcache,
 )
 from fast_attn.integrations.sdpa import scaled_dot_product_attention
+from fast_attn import nn
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "flash_attn_with_kvcache",
     "geglu",
     "layer_norm",
+    "nn",
     "rms_norm",
     "scaled_dot_product_attention",
     "swiglu",

@@ -1,0 +1,31 @@
+"""fast_attn.nn: drop-in replacements for torch.nn layers, running fast_attn's fused ops.
+
+``MultiheadAttention``, ``LayerNorm``, ``RMSNorm``, ``TransformerEncoderLayer`` and
+``TransformerDecoderLayer`` subclass their torch.nn twins: same constructor and defaults,
+same forward signature and return values, same parameter names and state_dict (loads both
+ways with ``strict=True``), same initialisation. Only ``forward`` changes: it calls
+``fast_attn.attention`` / ``layer_norm`` / ``rms_norm`` / ``bias_gelu``, which run on the
+CUDA or Triton kernels on a GPU and on the pure-PyTorch reference elsewhere.
+``FeedForward`` is the fused MLP block (no torch.nn twin). ``swap_modules(model)`` swaps
+the torch.nn layers of an existing model in place, sharing its parameters.
+
+    from fast_attn import nn as fnn
+    layer = fnn.TransformerEncoderLayer(512, 8, batch_first=True, norm_first=True)
+    layer.load_state_dict(torch_layer.state_dict())
+"""
+
+from fast_attn.nn.attention import MultiheadAttention
+from fast_attn.nn.feedforward import FeedForward
+from fast_attn.nn.norm import LayerNorm, RMSNorm
+from fast_attn.nn.swap import swap_modules
+from fast_attn.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
+
+__all__ = [
+    "FeedForward",
+    "LayerNorm",
+    "MultiheadAttention",
+    "RMSNorm",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
+    "swap_modules",
+]
