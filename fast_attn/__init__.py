@@ -11,7 +11,9 @@ Every op runs on one of three backends ("cuda", "triton", "torch"; see
 """
 
 from fast_attn.backends import available_backends, use_backend
-from fast_attn.ops.attention import attention, attention_varlen, attention_with_kvcache, dropout_mask
+from fast_attn.ops.attention import attention, dropout_mask
+from fast_attn.ops.attention_kvcache import attention_with_kvcache
+from fast_attn.ops.attention_varlen import attention_varlen
 from fast_attn.ops.ffn import bias_gelu, geglu, swiglu
 from fast_attn.ops.norm import layer_norm, rms_norm
 from fast_attn.integrations.flash_attn import (

@@ -66,7 +66,9 @@ import torch
 from torch import Tensor
 
 from fast_attn.ops import _checks
-from fast_attn.ops.attention import attention, attention_varlen, attention_with_kvcache, dropout_mask
+from fast_attn.ops.attention import attention, dropout_mask
+from fast_attn.ops.attention_kvcache import attention_with_kvcache
+from fast_attn.ops.attention_varlen import attention_varlen
 from fast_attn.reference.attention import attention_ref, attention_varlen_ref
 
 __all__ = [

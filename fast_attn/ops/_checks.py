@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from fast_attn.backends import FLOAT_DTYPES

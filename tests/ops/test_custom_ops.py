@@ -15,6 +15,8 @@ import torch
 
 import fast_attn
 from fast_attn.ops import attention as attn_ops
+from fast_attn.ops import attention_kvcache as kvcache_ops
+from fast_attn.ops import attention_varlen as varlen_ops
 from fast_attn.ops import ffn as ffn_ops
 from fast_attn.ops import norm as norm_ops
 
@@ -105,17 +107,17 @@ VARLEN_FWD_CASES = {
 
 @pytest.mark.parametrize("case", VARLEN_FWD_CASES)
 def test_opcheck_attention_varlen_fwd(case):
-    opcheck(attn_ops.attention_varlen_fwd, VARLEN_FWD_CASES[case]())
+    opcheck(varlen_ops.attention_varlen_fwd, VARLEN_FWD_CASES[case]())
 
 
 @pytest.mark.parametrize("case", VARLEN_FWD_CASES)
 def test_opcheck_attention_varlen_bwd(case):
     q, k, v, *rest = (t.detach() if isinstance(t, torch.Tensor) else t for t in VARLEN_FWD_CASES[case]())
-    out, lse = attn_ops.attention_varlen_fwd(q, k, v, *rest)
+    out, lse = varlen_ops.attention_varlen_fwd(q, k, v, *rest)
     *options, backend = rest
     mask = options[4]
     bias_grads = (mask is not None and mask.is_floating_point(), options[5] is not None)
-    opcheck(attn_ops.attention_varlen_bwd, (torch.randn_like(out), q, k, v, out, lse, *options, *bias_grads, backend))
+    opcheck(varlen_ops.attention_varlen_bwd, (torch.randn_like(out), q, k, v, out, lse, *options, *bias_grads, backend))
 
 
 @pytest.mark.parametrize("append", [True, False], ids=["append-k-v", "no-k-v"])
@@ -128,7 +130,7 @@ def test_opcheck_attention_with_kvcache(append):
     else:
         new = (None, None, None)
         options = (None, False, SCALE, -1, -1, 0.0, "auto")
-    opcheck(attn_ops.attention_with_kvcache_op, (q, k_cache, v_cache, *new, *options))
+    opcheck(kvcache_ops.attention_with_kvcache_op, (q, k_cache, v_cache, *new, *options))
 
 
 # -------------------------------------------------------------------- opcheck: norms
