@@ -1,0 +1,251 @@
+"""python -m benchmarks: run the suite, print the tables, write JSON, CSV, Markdown and plots.
+
+    python -m benchmarks                         # every op, protocol shapes (GPU) or small ones (CPU)
+    python -m benchmarks --quick                 # fewer shapes, shorter timing windows
+    python -m benchmarks --ops attention,norm --backends triton,cuda --dtype fp16
+    python -m benchmarks --out DIR               # default benchmarks/results/<date>-<gpu or cpu>/
+    python -m benchmarks --compare OLD.json      # run, then print what got faster / slower
+    python -m benchmarks --compare OLD.json NEW.json   # compare two runs, run nothing
+
+Without a CUDA GPU it runs what it can (the torch backend and torch's eager peers at
+small sizes), says that GPU figures need a GPU, writes the files and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_attention, bench_block, bench_decode, bench_ffn, bench_norm, common, report
+
+# Option name -> the bench file it selects. The fast_attn op names each file COVERS (and
+# its OPS) select single ops of a file: --ops rms_norm.
+MODULES = {"attention": bench_attention, "decode": bench_decode, "norm": bench_norm,
+           "ffn": bench_ffn, "block": bench_block}
+NO_GPU_NOTE = ("no CUDA GPU here: these are CPU timings, at small sizes, of the torch backend and "
+               "torch's eager peers; they show the suite works, not how fast any kernel is. "
+               "GPU figures need a GPU.")
+EXIT_INTERRUPTED = 130
+EXIT_USAGE = 2  # argparse's status for a bad command line
+
+
+def _op_names(module) -> tuple:
+    """The case ``op`` names a bench file produces (what --ops may name besides the file)."""
+    return tuple(getattr(module, "OPS", ())) or (module.OP,)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    single = sorted({op for m in MODULES.values() for op in _op_names(m)} - set(MODULES))
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing windows")
+    parser.add_argument("--ops", default="",
+                        help=f"comma-separated subset of {','.join(MODULES)} (or single ops: {','.join(single)}); "
+                             "default: all")
+    parser.add_argument("--backends", default="",
+                        help="comma-separated fast_attn backends to measure (cuda,triton,torch); default: "
+                             "every available one. Peers are always measured")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="default bf16")
+    parser.add_argument("--out", default="",
+                        help="output folder (default benchmarks/results/<date>-<gpu or cpu>/)")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                        help="OLD.json: after the run, print what got more than 5%% faster or slower; "
+                             "OLD.json NEW.json: only compare two earlier runs")
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="start no new case after this many seconds (the rest are recorded as skipped); "
+                             "0: no limit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    args = parser.parse_args(argv)
+    if args.compare is not None and len(args.compare) > 2:
+        parser.error("--compare takes OLD.json, or OLD.json NEW.json")
+    wanted = [name for name in args.ops.split(",") if name]
+    valid = set(MODULES) | set(single)
+    unknown = [name for name in wanted if name not in valid]
+    if unknown:
+        parser.error(f"--ops: unknown {unknown}; choose from {sorted(valid)}")
+    args.ops = wanted
+    from fast_attn import backends
+
+    args.backends = [name for name in args.backends.split(",") if name]
+    bad = [name for name in args.backends if name not in backends.BACKENDS]
+    if bad:
+        parser.error(f"--backends: unknown {bad}; choose from {list(backends.BACKENDS)}")
+    return args
+
+
+def _default_out(env: dict) -> Path:
+    date = datetime.date.today().isoformat()
+    where = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-") if env["gpu"] else "cpu"
+    return common.REPO_ROOT / "benchmarks" / "results" / f"{date}-{where}"
+
+
+def _selected_cases(args, ctx) -> list:
+    """Cases of the selected files and ops, in file order."""
+    cases = []
+    for name, module in MODULES.items():
+        ops = _op_names(module)
+        if args.ops and name not in args.ops and not set(ops) & set(args.ops):
+            continue
+        keep = set(ops) if (not args.ops or name in args.ops) else set(ops) & set(args.ops)
+        cases += [case for case in module.cases(ctx) if case.op in keep]
+    return cases
+
+
+class _Stop(BaseException):
+    """SIGTERM arrived (e.g. from `timeout`): stop measuring, write what exists. A
+    BaseException, so that no ``except Exception`` around one case swallows it."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stop()
+
+
+class _Progress:
+    """tqdm when it is installed and stderr is a terminal, else one printed line per case."""
+
+    def __init__(self, total: int):
+        self.total, self.count = total, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def start(self, case) -> None:
+        self.count += 1
+        text = f"{case.op} {case.impl} {case.label}"
+        if self.bar is not None:
+            self.bar.set_description_str(text[:70])
+        else:
+            print(f"[{self.count:{len(str(self.total))}d}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _skipped_rows(case, ctx, reason: str) -> list:
+    rows, _ = common.run_case(
+        common.Case(case.op, case.impl, case.ours, case.shape, case.passes, case.work, skip=reason,
+                    note=case.note), ctx, {})
+    return rows
+
+
+def run(args) -> tuple[dict, bool]:
+    """Measures everything selected; (the result dict, whether the run was interrupted)."""
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen, not_measured, statuses = common.select_backends(args.backends, device)
+    ctx = common.Context(device=device, dtype=common.DTYPES[args.dtype], quick=args.quick,
+                         backends=chosen, statuses=statuses)
+    env = common.environment(device)
+    notes = [] if ctx.on_gpu else [NO_GPU_NOTE]
+    for note in notes:
+        print(f"NOTE: {note}", flush=True)
+    print(f"benchmarks: {env['gpu'] or 'CPU'}; torch {env['torch']}, triton {env['triton']}; "
+          f"measuring fast_attn backends {list(chosen)}", flush=True)
+    for name, reason in not_measured.items():
+        print(f"  backend {name} not measured: {reason}", flush=True)
+
+    ceilings = common.measure_ceilings(ctx)
+    cases = _selected_cases(args, ctx)
+    rows, interrupted, fatal, index = [], False, None, 0
+    progress = _Progress(len(cases))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        for index, case in enumerate(cases):
+            reason = None
+            if fatal:
+                reason = f"not run: the CUDA context was lost earlier ({fatal})"
+            elif args.budget_s and time.perf_counter() - started > args.budget_s:
+                reason = f"not run: the time budget (--budget-s {args.budget_s:.0f}) was spent"
+            if reason:
+                rows += _skipped_rows(case, ctx, reason)
+                continue
+            progress.start(case)
+            case_rows, fatal = common.run_case(case, ctx, ceilings)
+            rows += case_rows
+            progress.done()
+    except (_Stop, KeyboardInterrupt):
+        interrupted = True
+        for case in cases[index:]:
+            rows += _skipped_rows(case, ctx, "not run: the run was interrupted")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+    if interrupted:
+        notes.append("the run was interrupted: rows marked 'not run' were not measured")
+    if fatal:
+        notes.append(f"the CUDA context was lost ({fatal}): the cases after it were not run")
+    over_budget = sum("time budget" in row["note"] for row in rows if row["status"] == "skipped")
+    if over_budget:
+        notes.append(f"the time budget (--budget-s {args.budget_s:.0f}) ran out: {over_budget} rows not measured")
+
+    report.add_ratios(rows)
+    from fast_attn import backends
+
+    covered = {op for module in MODULES.values() for op in module.COVERS}
+    result = {
+        "schema": report.SCHEMA,
+        "env": env,
+        "ceilings": ceilings,
+        "settings": {"quick": args.quick, "dtype": args.dtype, "ops": args.ops or list(MODULES),
+                     "backends": list(chosen), "seed": args.seed,
+                     "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in args.argv)},
+        "backends": {name: {"measured": name in chosen, "reason": not_measured.get(name, statuses[name].reason)}
+                     for name in backends.BACKENDS},
+        "uncovered_ops": [op for op in backends.OPS if op not in covered],
+        "notes": notes,
+        "elapsed_s": time.perf_counter() - started,
+        "rows": rows,
+    }
+    return result, interrupted
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    args.argv = argv
+    try:  # read the files to compare before measuring anything: fail early on a bad one
+        compared = [report.load(Path(path)) for path in args.compare or ()]
+    except (OSError, ValueError) as exc:
+        print(f"python -m benchmarks: error: --compare: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if len(compared) == 2:
+        report.print_compare(*compared)
+        return 0
+    old = compared[0] if compared else None
+
+    result, interrupted = run(args)
+    out = Path(args.out) if args.out else _default_out(result["env"])
+    print()
+    report.print_report(result)
+    paths = report.write_all(result, out)
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['markdown']}"
+          + (f" and {len(paths['plots'])} plots" if paths["plots"] else f"; plots {paths['plot_note']}"))
+    counts = {s: sum(r["status"] == s for r in result["rows"]) for s in ("ok", "skipped", "error")}
+    print(f"{len(result['rows'])} rows: {counts['ok']} measured, {counts['skipped']} skipped, "
+          f"{counts['error']} errors; {result['elapsed_s']:.1f} s")
+    if old is not None:
+        report.print_compare(old, result)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
