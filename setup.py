@@ -150,7 +150,7 @@ setup(
     extras_require={
         "test": ["pytest"],
         "bench": ["matplotlib", "tqdm"],
-        "hf": ["transformers"],
+        "hf": ["transformers>=4.56"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithCsrc, **ext_cmdclass},
