@@ -112,6 +112,16 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
         "geglu": Capability(KERNEL_DTYPES, OP_FEATURES["geglu"]),
         "layer_norm": Capability(KERNEL_DTYPES, OP_FEATURES["layer_norm"]),
         "rms_norm": Capability(KERNEL_DTYPES, OP_FEATURES["rms_norm"]),
+        # Learned-bias gradients (dmask, dslopes) are left to the torch backend.
+        "attention": Capability(
+            KERNEL_DTYPES, OP_FEATURES["attention"] - {"mask_grad", "alibi_grad"}, max_head_dim=256
+        ),
+        "attention_varlen": Capability(
+            KERNEL_DTYPES, OP_FEATURES["attention_varlen"] - {"mask_grad", "alibi_grad"}, max_head_dim=256
+        ),
+        "attention_with_kvcache": Capability(
+            KERNEL_DTYPES, OP_FEATURES["attention_with_kvcache"], max_head_dim=256
+        ),
     },
     "cuda": {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),

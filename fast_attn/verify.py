@@ -116,12 +116,12 @@ def _check(case, backend, dtype, device, seed, compare, output_factor, grad_fact
     oracle = _run_with_grads(case, oracle_inputs, lambda i: case.ref(i, True), results.grads_out)
     baseline = _run_with_grads(case, inputs, lambda i: case.ref(i, False), results.grads_out)
     worst, details = 0.0, []
-    pairs = [(a, o, b, output_factor, f"output {n}") for n, (a, o, b) in
+    pairs = [(a, o, b, output_factor, False, f"output {n}") for n, (a, o, b) in
              enumerate(zip(results.outputs, oracle.outputs, baseline.outputs))]
-    pairs += [(a, o, b, grad_factor, f"d{name}") for name, a, o, b in
+    pairs += [(a, o, b, grad_factor, True, f"d{name}") for name, a, o, b in
               zip(case.grad_inputs, results.grads, oracle.grads, baseline.grads)]
-    for actual, expected, base, factor, what in pairs:
-        result = compare(actual.cpu(), expected.cpu(), base.cpu(), factor=factor)
+    for actual, expected, base, factor, gradient, what in pairs:
+        result = compare(actual.cpu(), expected.cpu(), base.cpu(), factor=factor, gradient=gradient)
         worst = max(worst, result.ratio)
         if not result:
             details.append(f"{what}: {result}")

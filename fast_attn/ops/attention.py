@@ -73,8 +73,26 @@ def _attention_bwd_torch(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed,
 
 # Kernels by backend. A kernel issue adds its "triton"/"cuda" entries here and its
 # CAPABILITIES in fast_attn/backends.py.
-_FWD = {"torch": _attention_torch}
-_BWD = {"torch": _attention_bwd_torch}
+def _attention_triton(q, k, v, attn_mask, alibi_slopes, seed, causal, softmax_scale,
+                      window, softcap, dropout_p):
+    from fast_attn.triton_kernels import attention as triton_attention  # imports triton only when used
+
+    return triton_attention.attention_fwd(q, k, v, attn_mask, alibi_slopes, seed, causal,
+                                          softmax_scale, window, softcap, dropout_p)
+
+
+def _attention_bwd_triton(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed, causal,
+                          softmax_scale, window, softcap, dropout_p, deterministic, mask_grad,
+                          alibi_grad):
+    from fast_attn.triton_kernels import attention as triton_attention
+
+    return triton_attention.attention_bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed,
+                                          causal, softmax_scale, window, softcap, dropout_p,
+                                          deterministic, mask_grad, alibi_grad)
+
+
+_FWD = {"torch": _attention_torch, "triton": _attention_triton}
+_BWD = {"torch": _attention_bwd_torch, "triton": _attention_bwd_triton}
 
 
 @torch.library.custom_op("fast_attn::attention_fwd", mutates_args=())

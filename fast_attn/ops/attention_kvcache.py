@@ -30,7 +30,17 @@ def _kvcache_torch(q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, causa
     )
 
 
-_KVCACHE_FWD = {"torch": _kvcache_torch}
+def _kvcache_triton(q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, causal,
+                    softmax_scale, window, softcap):
+    from fast_attn.triton_kernels import attention as triton_attention
+
+    return triton_attention.attention_with_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                       alibi_slopes, causal, softmax_scale, window,
+                                                       softcap)
+
+
+# Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
+_KVCACHE_FWD = {"torch": _kvcache_torch, "triton": _kvcache_triton}
 
 
 @torch.library.custom_op("fast_attn::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))

@@ -45,8 +45,29 @@ def _varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
                          differentiable=(True, True, True, mask_grad, alibi_grad))
 
 
-_VARLEN_FWD = {"torch": _varlen_torch}
-_VARLEN_BWD = {"torch": _varlen_bwd_torch}
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+                   alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p):
+    from fast_attn.triton_kernels import attention as triton_attention
+
+    return triton_attention.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k, attn_mask, alibi_slopes, seed, causal,
+                                                 softmax_scale, window, softcap, dropout_p)
+
+
+def _varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, attn_mask, alibi_slopes, seed, causal, softmax_scale, window,
+                       softcap, dropout_p, deterministic, mask_grad, alibi_grad):
+    from fast_attn.triton_kernels import attention as triton_attention
+
+    return triton_attention.attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
+                                                 seed, causal, softmax_scale, window, softcap,
+                                                 dropout_p, deterministic, mask_grad, alibi_grad)
+
+
+# Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
+_VARLEN_FWD = {"torch": _varlen_torch, "triton": _varlen_triton}
+_VARLEN_BWD = {"torch": _varlen_bwd_torch, "triton": _varlen_bwd_triton}
 
 
 @torch.library.custom_op("fast_attn::attention_varlen_fwd", mutates_args=())
