@@ -146,6 +146,7 @@ setup(
         + [f"fast_attn.triton_kernels.{name}" for name in find_packages(where="triton_kernels")]
     ),
     package_dir={"fast_attn.triton_kernels": "triton_kernels"},
+    package_data={"fast_attn.models": ["data/*.txt"]},  # the char-GPT training corpus
     install_requires=["torch>=2.4", "numpy", 'triton; platform_system == "Linux"'],
     extras_require={
         "test": ["pytest"],

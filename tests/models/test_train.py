@@ -1,0 +1,135 @@
+"""``python -m fast_attn.models.train``: losses fall, checkpoints reload, DDP ranks agree.
+
+Runs are a few dozen steps of the built-in tasks at small batch sizes, in process through
+``train.main(argv)``; the DDP smoke test launches two gloo processes with torchrun.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fast_attn.models import train
+
+
+@pytest.fixture
+def small_eval(monkeypatch):
+    """Shorter evaluations: 50 held-out sums/strings, 32-character GPT windows."""
+    monkeypatch.setattr(train.Seq2SeqTask, "eval_examples", 50)
+    monkeypatch.setattr(train.CharTask, "block_size", 32)
+    monkeypatch.setattr(train.CharTask, "eval_batches", 2)
+
+
+def run(tmp_path, *args, out="run"):
+    return train.main(["--out", str(tmp_path / out), "--device", "cpu", *args])
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [train.learning_rate(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+def test_reverse_loss_falls_and_outputs_are_written(tmp_path, small_eval):
+    result = run(tmp_path, "--task", "reverse", "--steps", "40", "--batch-size", "32", "--warmup", "10")
+    assert len(result.losses) == 40
+    assert mean(result.losses[-5:]) < 0.8 * mean(result.losses[:5])
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and 0.0 <= metrics["exact_match"] <= 1.0
+    assert (out / "checkpoint.pt").is_file()
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not (out / "loss.png").exists()
+    else:
+        assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chargpt_loss_falls_and_samples_from_the_prompt(tmp_path, small_eval):
+    result = run(tmp_path, "--task", "chargpt", "--steps", "30", "--batch-size", "8", "--warmup", "5")
+    assert mean(result.losses[-5:]) < 0.8 * mean(result.losses[:5])
+    assert result.metrics["sample"].startswith("The keeper") and len(result.metrics["sample"]) == 32
+    assert result.metrics["val_loss"] > 0
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    # With warm-up longer than the run the learning rate does not depend on --steps, so
+    # 6 steps + 6 resumed steps must equal 12 steps in one go.
+    common = ["--task", "reverse", "--batch-size", "16", "--warmup", "100", "--no-eval"]
+    whole = run(tmp_path, *common, "--steps", "12", out="whole")
+    run(tmp_path, *common, "--steps", "6", out="split")
+    resumed = run(tmp_path, *common, "--steps", "12", "--resume", out="split")
+    assert resumed.losses == whole.losses
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # load_checkpoint rebuilds the model from the config stored with the weights.
+    model, state = train.load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert state["step"] == 12 and state["task"] == "reverse"
+    src, tgt = torch.randint(3, 13, (2, 9)), torch.randint(3, 13, (2, 5))
+    torch.testing.assert_close(model(src, tgt), resumed.model(src, tgt))
+
+
+def test_resume_refuses_another_task(tmp_path):
+    run(tmp_path, "--task", "reverse", "--steps", "1", "--batch-size", "4", "--no-eval")
+    with pytest.raises(ValueError, match="reverse"):
+        run(tmp_path, "--task", "add", "--steps", "2", "--resume")
+
+
+def test_seq2seq_tasks_make_consistent_examples():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        question, answer = train.AddTask().example(g)
+        a, b = question.split("+")
+        assert int(a) + int(b) == int(answer) and len(a) <= 3 and len(b) <= 3
+        digits, reversed_ = train.ReverseTask().example(g)
+        assert reversed_ == digits[::-1] and 1 <= len(digits) <= 12
+    batch = train.ReverseTask().batch(4, g, "cpu")
+    assert batch["src"].shape == (4, 12) and batch["tgt"].shape == (4, 14)
+    assert (batch["tgt"][:, 0] == train.BOS).all() and ((batch["tgt"] == train.EOS).sum(1) == 1).all()
+
+
+def test_runs_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    run(tmp_path, "--task", "reverse", "--steps", "4", "--batch-size", "4", "--log-every", "2", "--no-eval")
+    printed = capsys.readouterr().out
+    assert "step 2/4" in printed and "step 4/4" in printed and "no loss curve" in printed
+    assert not (tmp_path / "run" / "loss.png").exists()
+
+
+DDP_WORKER = """
+import sys
+import torch
+from fast_attn.models import train
+
+result = train.main(sys.argv[2:])
+torch.save({"state": result.model.state_dict(), "losses": result.losses, "world": result.world_size},
+           f"{sys.argv[1]}/rank{result.rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(DDP_WORKER))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(worker), str(tmp_path), "--task", "reverse", "--steps", "5", "--batch-size", "8",
+           "--device", "cpu", "--out", str(out), "--no-eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank drew its own batches
+    for name, a in ranks[0]["state"].items():
+        assert torch.equal(a, ranks[1]["state"][name]), name
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
