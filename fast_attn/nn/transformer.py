@@ -95,7 +95,19 @@ def _feed_forward(layer: nn.Module, x: Tensor) -> Tensor:
     return layer.linear2(layer.dropout(h))
 
 
-class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+class _FromTorch:
+    """``from_torch`` for the encoder and decoder layers."""
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, memo: Optional[dict] = None):
+        """A fast_attn layer sharing ``module``'s children and parameters (no copies); its
+        MultiheadAttention and LayerNorm children become fast_attn ones."""
+        new = adopt(cls, module)
+        _convert_children(new, memo)
+        return new
+
+
+class TransformerEncoderLayer(_FromTorch, nn.TransformerEncoderLayer):
     """``torch.nn.TransformerEncoderLayer`` on fast_attn (self-attention, then the MLP).
 
     Args and forward as torch's: ``forward(src, src_mask=None, src_key_padding_mask=None,
@@ -121,15 +133,6 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                          batch_first=batch_first, norm_first=norm_first, bias=bias,
                          device=device, dtype=dtype)
         _convert_children(self)
-
-    @classmethod
-    def from_torch(cls, module: nn.TransformerEncoderLayer,
-                   memo: Optional[dict] = None) -> "TransformerEncoderLayer":
-        """A fast_attn layer sharing ``module``'s children and parameters (no copies); its
-        MultiheadAttention and LayerNorm children become fast_attn ones."""
-        new = adopt(cls, module)
-        _convert_children(new, memo)
-        return new
 
     def forward(
         self,
@@ -158,7 +161,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         return self.dropout2(_feed_forward(self, x))
 
 
-class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(_FromTorch, nn.TransformerDecoderLayer):
     """``torch.nn.TransformerDecoderLayer`` on fast_attn (self-attention, cross-attention
     over ``memory``, then the MLP).
 
@@ -186,15 +189,6 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                          batch_first=batch_first, norm_first=norm_first, bias=bias,
                          device=device, dtype=dtype)
         _convert_children(self)
-
-    @classmethod
-    def from_torch(cls, module: nn.TransformerDecoderLayer,
-                   memo: Optional[dict] = None) -> "TransformerDecoderLayer":
-        """A fast_attn layer sharing ``module``'s children and parameters (no copies); its
-        MultiheadAttention and LayerNorm children become fast_attn ones."""
-        new = adopt(cls, module)
-        _convert_children(new, memo)
-        return new
 
     def forward(
         self,

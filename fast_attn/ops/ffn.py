@@ -73,19 +73,18 @@ _BIAS_GELU_FWD = {"torch": bias_gelu_ref, "cuda": _cuda_bias_gelu_fwd, "triton":
 _BIAS_GELU_BWD = {"torch": _torch_bias_gelu_bwd, "cuda": _cuda_bias_gelu_bwd, "triton": _triton_bias_gelu_bwd}
 
 
-def _bias_gelu_backend(x, bias, approximate, backend, backward):
-    call = backends.Call(
-        "bias_gelu",
-        x.device.type,
-        x.dtype,
-        backends.features(bias=bias is not None, gelu_tanh=approximate == "tanh", backward=backward),
-    )
-    return "torch" if x.numel() == 0 else backends.resolve_backend(call, backend)
+def _backend_for(op: str, x: Tensor, backend: str, *, backward: bool, **flags: bool) -> str:
+    """The backend that runs this activation call (torch for empty tensors: nothing to launch)."""
+    if x.numel() == 0:
+        return "torch"
+    call = backends.Call(op, x.device.type, x.dtype, backends.features(backward=backward, **flags))
+    return backends.resolve_backend(call, backend)
 
 
 @torch.library.custom_op("fast_attn::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
-    name = _bias_gelu_backend(x, bias, approximate, backend, backward=False)
+    name = _backend_for("bias_gelu", x, backend, backward=False, bias=bias is not None,
+                        gelu_tanh=approximate == "tanh")
     return _BIAS_GELU_FWD[name](x, bias, approximate).contiguous()
 
 
@@ -99,7 +98,8 @@ def bias_gelu_bwd(
     dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(dx, dbias); dbias is empty when bias is None."""
-    name = _bias_gelu_backend(x, bias, approximate, backend, backward=True)
+    name = _backend_for("bias_gelu", x, backend, backward=True, bias=bias is not None,
+                        gelu_tanh=approximate == "tanh")
     dx, dbias = _BIAS_GELU_BWD[name](dy, x, bias, approximate)
     return dx.contiguous(), x.new_empty(_EMPTY) if dbias is None else dbias
 
@@ -159,19 +159,13 @@ _GLU_FWD = {"torch": _torch_glu_fwd, "triton": _triton_glu_fwd}
 _GLU_BWD = {"torch": _torch_glu_bwd, "triton": _triton_glu_bwd}
 
 
-def _glu_backend(op, gate, approximate, backend, backward):
-    feats = backends.features(gelu_tanh=approximate == "tanh", backward=backward)
-    call = backends.Call(op, gate.device.type, gate.dtype, feats)
-    return "torch" if gate.numel() == 0 else backends.resolve_backend(call, backend)
-
-
 def _glu_fake_like(t):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fast_attn::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    name = _glu_backend("swiglu", gate, None, backend, backward=False)
+    name = _backend_for("swiglu", gate, backend, backward=False)
     return _GLU_FWD[name](gate, up, None).contiguous()
 
 
@@ -182,7 +176,7 @@ def _(gate, up, backend):
 
 @torch.library.custom_op("fast_attn::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    name = _glu_backend("swiglu", gate, None, backend, backward=True)
+    name = _backend_for("swiglu", gate, backend, backward=True)
     return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, None))
 
 
@@ -193,7 +187,7 @@ def _(dy, gate, up, backend):
 
 @torch.library.custom_op("fast_attn::geglu_fwd", mutates_args=())
 def geglu_fwd(gate: Tensor, up: Tensor, approximate: str, backend: str) -> Tensor:
-    name = _glu_backend("geglu", gate, approximate, backend, backward=False)
+    name = _backend_for("geglu", gate, backend, backward=False, gelu_tanh=approximate == "tanh")
     return _GLU_FWD[name](gate, up, approximate).contiguous()
 
 
@@ -206,7 +200,7 @@ def _(gate, up, approximate, backend):
 def geglu_bwd(
     dy: Tensor, gate: Tensor, up: Tensor, approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
-    name = _glu_backend("geglu", gate, approximate, backend, backward=True)
+    name = _backend_for("geglu", gate, backend, backward=True, gelu_tanh=approximate == "tanh")
     return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, approximate))
 
 
