@@ -115,9 +115,10 @@ def configure_extension():
 
     site_packages = Path(torch.__file__).resolve().parent.parent
     wheel_includes = cfg.wheel_cuda_include_dirs(site_packages, torch_cuda.split(".")[0])
+    hopper_flags, hopper_note = cfg.hopper_nvcc_flags(arch_list, cfg.cutlass_include_dir(sys.path))
     print(
         f"fast_attn: building the CUDA extension {cfg.EXTENSION_NAME}: {reason}; "
-        f"{cfg.ARCH_LIST_ENV}={arch_list}, {cfg.MAX_JOBS_ENV}={jobs}"
+        f"{cfg.ARCH_LIST_ENV}={arch_list}, {cfg.MAX_JOBS_ENV}={jobs}; {hopper_note}"
     )
     extension = cpp_extension.CUDAExtension(
         name=cfg.EXTENSION_NAME,
@@ -125,7 +126,7 @@ def configure_extension():
         include_dirs=[str(CSRC)],
         extra_compile_args={
             "cxx": list(cfg.CXX_FLAGS) + cfg.cxx_include_flags(wheel_includes),
-            "nvcc": list(cfg.NVCC_FLAGS),
+            "nvcc": list(cfg.NVCC_FLAGS) + hopper_flags,
         },
         # ops.cpp uses only the stable Python API; this also drops the libtorch_python link.
         py_limited_api=True,

@@ -88,6 +88,21 @@ def cuda_arch_list(env: Mapping[str, str]) -> str:
     return value or DEFAULT_CUDA_ARCH_LIST
 
 
+def jit_arch_list(env: Mapping[str, str], capability: tuple[int, int] | None) -> str:
+    """The arch list of a JIT build: `TORCH_CUDA_ARCH_LIST` when set, else the current GPU's.
+
+    Hopper (9.0) becomes "9.0a", the arch-specific target its wgmma/TMA kernels need
+    (torch's own default would be plain 9.0). Without a GPU, the AOT default.
+    """
+    value = env.get(ARCH_LIST_ENV, "").strip()
+    if value:
+        return value
+    if capability is None:
+        return DEFAULT_CUDA_ARCH_LIST
+    major, minor = capability
+    return f"{major}.{minor}a" if (major, minor) == (9, 0) else f"{major}.{minor}"
+
+
 def max_jobs(env: Mapping[str, str], cpu_count: int | None, available_memory: int | None) -> int:
     """Number of parallel compiler jobs: `MAX_JOBS` when set, else sized from the machine.
 
@@ -226,6 +241,36 @@ def wheel_cuda_include_dirs(site_packages: Path, cuda_major: str | int) -> list[
     """
     path = Path(site_packages) / "nvidia" / f"cu{cuda_major}" / "include"
     return [path] if path.is_dir() else []
+
+
+def cutlass_include_dir(search_paths: Iterable[str | Path]) -> Path | None:
+    """The CUTLASS/CuTe headers of the `nvidia-cutlass` wheel, if installed on `search_paths`.
+
+    The wheel installs the package `cutlass_library` with the headers under
+    `source/include` (cute/tensor.hpp, cutlass/cutlass.h). `search_paths` is sys.path.
+    Looked up by path, not imported: importing the package pulls in its own dependencies.
+    """
+    for entry in search_paths:
+        include = Path(entry) / "cutlass_library" / "source" / "include"
+        if (include / "cute" / "tensor.hpp").is_file():
+            return include
+    return None
+
+
+def hopper_nvcc_flags(arch_list: str, cutlass_include: Path | None) -> tuple[list[str], str]:
+    """nvcc flags that build the sm_90a attention kernels, and a one-line reason.
+
+    They need the arch-specific target 9.0a in `arch_list` (wgmma and TMA exist only
+    there) and the CuTe headers; without either, those files compile to stubs and the
+    attention ops run the sm_80 kernels on Hopper too. CuTe needs relaxed constexpr.
+    """
+    archs = {a.strip() for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()}
+    if not any(a.startswith("9.0a") for a in archs):
+        return [], f"{ARCH_LIST_ENV}={arch_list} has no 9.0a: the sm_90a attention kernels are not built"
+    if cutlass_include is None:
+        return [], "the nvidia-cutlass wheel (CuTe headers) is not installed: the sm_90a attention kernels are not built"
+    flags = ["-DFAST_ATTN_HAVE_SM90=1", "--expt-relaxed-constexpr", f"-I{cutlass_include}"]
+    return flags, f"sm_90a attention kernels built with CuTe from {cutlass_include}"
 
 
 def cxx_include_flags(dirs: Iterable[Path]) -> list[str]:

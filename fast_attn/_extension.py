@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -167,6 +169,11 @@ def _load() -> str:
         logger.info("fast_attn: using the CUDA toolkit at %s for the JIT build (%s)", cuda_home, jit_reason)
         cpp_extension.CUDA_HOME = str(cuda_home)  # load() compiles with $CUDA_HOME/bin/nvcc
     build_directory = _jit_build_directory()
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    arch_list = _cfg.jit_arch_list(os.environ, capability)
+    os.environ[_cfg.ARCH_LIST_ENV] = arch_list  # torch's load() reads it
+    hopper_flags, hopper_note = _cfg.hopper_nvcc_flags(arch_list, _cfg.cutlass_include_dir(sys.path))
+    logger.info("fast_attn: %s", hopper_note)
     site_packages = Path(torch.__file__).resolve().parent.parent
     wheel_includes = _cfg.wheel_cuda_include_dirs(site_packages, torch.version.cuda.split(".")[0])
     logger.info(
@@ -180,7 +187,7 @@ def _load() -> str:
             name=_cfg.JIT_EXTENSION_NAME,
             sources=[str(path) for path in _cfg.source_files(sources)],
             extra_cflags=list(_cfg.CXX_FLAGS) + _cfg.cxx_include_flags(wheel_includes),
-            extra_cuda_cflags=list(_cfg.NVCC_FLAGS),
+            extra_cuda_cflags=list(_cfg.NVCC_FLAGS) + hopper_flags,
             extra_include_paths=[str(sources)],
             build_directory=build_directory,
             is_python_module=False,
