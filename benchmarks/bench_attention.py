@@ -4,7 +4,8 @@ FlashAttention's protocol (DESIGN.md): batch x seqlen = 16k tokens, hidden 2048 
 64 -> 32 heads, 128 -> 16, 256 -> 8), seqlen 512..16k, causal and not, self-attention
 (sq = sk). FLOPs from ``formulas.attention_flops`` (causal halved, backward 2.5x).
 
-Implementations: every fast_attn backend that declares the call (``fast_attn.backends``);
+Implementations: every fast_attn backend that declares the call (``fast_attn.backends``),
+plus ``fast_attn:cuda-sm80``, the cuda backend with its Ampere kernels forced;
 torch SDPA with the flash, cuDNN and memory-efficient backends (``sdpa_kernel``);
 FlexAttention under ``torch.compile``; ``flash_attn.flash_attn_func`` when installed.
 Each gets its natural layout, so no one pays for a transpose: fast_attn and flash_attn
@@ -15,6 +16,10 @@ On CPU the shapes are small (the torch reference and SDPA's CPU flash kernel onl
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +114,30 @@ def _ours(ctx: Context, shape: dict) -> list[Case]:
                     f"scores (limit {REFERENCE_SCORE_LIMIT_BYTES / 2**30:.0f} GiB)")
         return None
 
-    return our_cases(ctx, op=OP, shape=shape, passes=PASSES, work=_work(shape), call=call,
-                     make_forward=make_forward, extra_skip=extra_skip,
-                     make_inputs=lambda: _inputs(shape, ctx, heads_first=False))
+    cases = our_cases(ctx, op=OP, shape=shape, passes=PASSES, work=_work(shape), call=call,
+                      make_forward=make_forward, extra_skip=extra_skip,
+                      make_inputs=lambda: _inputs(shape, ctx, heads_first=False))
+    if "cuda" in ctx.backends:
+        # The cuda backend's Ampere kernels forced on this GPU: the issue measures them
+        # against SDPA's flash backend (FlashAttention-2, itself an Ampere-style kernel).
+        sm80 = next(c for c in cases if c.impl == "fast_attn:cuda")
+        cases.append(dataclasses.replace(sm80, impl="fast_attn:cuda-sm80", context=_force_sm80))
+    return cases
+
+
+@contextlib.contextmanager
+def _force_sm80():
+    from fast_attn import backends
+
+    previous = os.environ.get(backends.ENV_CUDA_ATTENTION_ARCH)
+    os.environ[backends.ENV_CUDA_ATTENTION_ARCH] = "sm80"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[backends.ENV_CUDA_ATTENTION_ARCH]
+        else:
+            os.environ[backends.ENV_CUDA_ATTENTION_ARCH] = previous
 
 
 # ----------------------------------------------------------------------------- peers

@@ -34,6 +34,10 @@ import torch
 BACKENDS = ("cuda", "triton", "torch")
 AUTO = "auto"
 ENV_BACKEND = "FAST_ATTN_BACKEND"
+# Which kernel family the cuda attention ops run: "auto" (sm_90a on Hopper when built, else
+# sm_80), "sm80" (force the Ampere kernels, e.g. to test them on an H100) or "sm90".
+ENV_CUDA_ATTENTION_ARCH = "FAST_ATTN_CUDA_ATTENTION_ARCH"
+CUDA_ATTENTION_ARCHS = {"auto": 0, "sm80": 1, "sm90": 2}  # the `arch` argument of the cuda ops
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -103,6 +107,11 @@ class Capability:
         return None
 
 
+ATTENTION_KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16})
+CUDA_ATTENTION_FEATURES = ATTENTION_FEATURES - {
+    "alibi", "bool_mask", "additive_mask", "dropout", "mask_grad", "alibi_grad"
+}
+
 # What each backend implements. A kernel issue that lands a new kernel adds its entry here.
 CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
     "torch": {op: Capability(FLOAT_DTYPES, features) for op, features in OP_FEATURES.items()},
@@ -125,6 +134,20 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
     },
     "cuda": {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),
+        "swiglu": Capability(KERNEL_DTYPES, OP_FEATURES["swiglu"]),
+        "geglu": Capability(KERNEL_DTYPES, OP_FEATURES["geglu"]),
+        "layer_norm": Capability(KERNEL_DTYPES, OP_FEATURES["layer_norm"]),
+        "rms_norm": Capability(KERNEL_DTYPES, OP_FEATURES["rms_norm"]),
+        # Tensor-core kernels: fp16/bf16 only. Dropout, ALiBi and attention masks are left
+        # to Triton (auto routes such calls there). Head dims other than 64/128/256 are
+        # zero-padded by fast_attn/ops/_attention_cuda.py.
+        "attention": Capability(ATTENTION_KERNEL_DTYPES, CUDA_ATTENTION_FEATURES, max_head_dim=256),
+        "attention_varlen": Capability(ATTENTION_KERNEL_DTYPES, CUDA_ATTENTION_FEATURES, max_head_dim=256),
+        "attention_with_kvcache": Capability(
+            ATTENTION_KERNEL_DTYPES,
+            CUDA_ATTENTION_FEATURES & OP_FEATURES["attention_with_kvcache"],
+            max_head_dim=256,
+        ),
     },
 }
 
@@ -278,3 +301,17 @@ def resolve_backend(call: Call, per_call: str = AUTO) -> str:
 def features(**flags: bool) -> frozenset:
     """``features(causal=True, dropout=False)`` -> frozenset({"causal"})."""
     return frozenset(name for name, present in flags.items() if present)
+
+
+def cuda_attention_arch() -> int:
+    """The ``arch`` argument of the cuda attention ops, from ``FAST_ATTN_CUDA_ATTENTION_ARCH``.
+
+    Read when the op runs (like the backend choice), so tests can switch it per call.
+    ``sm90`` applies to the forward; there is one backward kernel family (sm_80).
+    """
+    raw = os.environ.get(ENV_CUDA_ATTENTION_ARCH, "auto").strip().lower() or "auto"
+    if raw not in CUDA_ATTENTION_ARCHS:
+        raise ValueError(
+            f"{ENV_CUDA_ATTENTION_ARCH}={raw!r} is not understood: expected one of {sorted(CUDA_ATTENTION_ARCHS)}"
+        )
+    return CUDA_ATTENTION_ARCHS[raw]

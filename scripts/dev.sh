@@ -17,6 +17,7 @@ case "$job" in
 esac
 
 TORCH_PIN="torch==2.14.1"  # CUDA 13.0 build: links the extension against the local nvcc 13.0
+CUTLASS_PIN="nvidia-cutlass==4.2.0.0"  # CuTe headers for csrc/attention's sm_90a kernels
 TRANSFORMERS_PIN="transformers==5.24.0"  # the version the integration tests were written against
 
 setup() {
@@ -42,6 +43,12 @@ setup() {
   # machine without a package registry, where those tests then skip and say so.
   "$PY" -c "import transformers" >/dev/null 2>&1 || "$PY" -m pip install --quiet "$TRANSFORMERS_PIN" \
     || echo "dev.sh: transformers unavailable: the Hugging Face tests will be skipped"
+  # The CuTe headers of the Hopper attention kernels (the nvidia-cutlass wheel, headers
+  # only; its Python dependencies are not needed). Without it the sm_90a kernels are not
+  # built and Hopper runs the sm_80 attention kernels.
+  "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" \
+    || "$PY" -m pip install --quiet --no-deps "$CUTLASS_PIN" \
+    || echo "dev.sh: nvidia-cutlass unavailable: the sm_90a attention kernels will not be built"
   local start=$SECONDS
   "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
   echo "dev.sh: fast_attn installed in $((SECONDS - start)) s"

@@ -20,6 +20,11 @@
 #   install.log tests.log verify.log bench.log
 #   bench/results.json bench/results.csv bench/report.md
 #   bench.tar.gz   (the whole results folder, plots included)
+#
+# The device machine has no package registry: the CuTe headers of the Hopper attention
+# kernels come from the nvidia-cutlass wheel, which the session carries in .wheels/
+# (fetch it here first: pip download --no-deps nvidia-cutlass==4.2.0.0 -d .wheels, then
+# pass carry=[".wheels"]). Without it the extension builds without the sm_90a kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,9 +81,15 @@ step() {
   tail -n 4 "$log" | sed 's/^/   | /'
 }
 
-step install "$INSTALL_LIMIT_S" install.log \
-  env MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 \
+install() {
+  if compgen -G ".wheels/nvidia_cutlass-*.whl" >/dev/null; then
+    "$PY" -m pip install --no-deps --no-index .wheels/nvidia_cutlass-*.whl || return
+  fi
   "$PY" -m pip install --no-deps --no-build-isolation -e .
+}
+export -f install
+step install "$INSTALL_LIMIT_S" install.log \
+  env MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 PY="$PY" bash -c install
 step tests "$TESTS_LIMIT_S" tests.log "$PY" -m pytest -m gpu -q
 step verify "$VERIFY_LIMIT_S" verify.log "$PY" -m fast_attn.verify "${quick_flag[@]}"
 # The suite stops starting cases a little before its limit, so it finishes and writes

@@ -504,3 +504,49 @@ def test_cuda_bias_gelu_bad_input_messages(cuda_ops):
         cuda_ops.cuda_bias_gelu_fwd(x.double(), None, False)
     with pytest.raises(ValueError, match="dy must have x's shape"):
         cuda_ops.cuda_bias_gelu_bwd(x[:2], x, None, False)
+
+
+# ------------------------------------------------------- Hopper kernels: CuTe and sm_90a flags
+
+
+def make_cutlass_wheel(site: Path) -> Path:
+    include = site / "cutlass_library" / "source" / "include"
+    (include / "cute").mkdir(parents=True)
+    (include / "cute" / "tensor.hpp").write_text("")
+    return include
+
+
+def test_cutlass_include_dir_is_found_on_the_search_path(tmp_path):
+    include = make_cutlass_wheel(tmp_path / "site")
+    assert cfg.cutlass_include_dir([tmp_path / "empty", tmp_path / "site"]) == include
+    assert cfg.cutlass_include_dir([tmp_path / "empty"]) is None
+
+
+def test_hopper_flags_need_sm90a_and_cute(tmp_path):
+    include = make_cutlass_wheel(tmp_path)
+    flags, note = cfg.hopper_nvcc_flags("8.0;9.0a", include)
+    assert "-DFAST_ATTN_HAVE_SM90=1" in flags and f"-I{include}" in flags and "built" in note
+    flags, note = cfg.hopper_nvcc_flags("8.0;9.0", include)
+    assert flags == [] and "no 9.0a" in note
+    flags, note = cfg.hopper_nvcc_flags("9.0a", None)
+    assert flags == [] and "nvidia-cutlass" in note
+
+
+@pytest.mark.parametrize(
+    ("env", "capability", "expected"),
+    [
+        ({}, (9, 0), "9.0a"),
+        ({}, (8, 0), "8.0"),
+        ({}, None, cfg.DEFAULT_CUDA_ARCH_LIST),
+        ({"TORCH_CUDA_ARCH_LIST": "8.6"}, (9, 0), "8.6"),
+    ],
+)
+def test_jit_arch_list(env, capability, expected):
+    assert cfg.jit_arch_list(env, capability) == expected
+
+
+def test_this_checkout_finds_the_cutlass_wheel_when_installed():
+    if importlib.util.find_spec("cutlass_library") is None:
+        pytest.skip("nvidia-cutlass is not installed")
+    include = cfg.cutlass_include_dir(sys.path)
+    assert include is not None and (include / "cute" / "tensor.hpp").is_file()

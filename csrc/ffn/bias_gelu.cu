@@ -2,16 +2,28 @@
 //
 // See bias_gelu.h for the maths and the contract. Three kernels:
 //
-//   bias_gelu_elementwise_kernel   fwd, and bwd without bias: one pass, one thread per
-//                                  chunk of kVec consecutive columns of a row
+//   bias_gelu_elementwise_kernel   fwd, and bwd without bias: one pass over a 2-D grid,
+//                                  threads in x own chunks of kVec consecutive columns
+//                                  (and load their bias chunk once), threads in y walk
+//                                  about kRowsPerThread rows each
 //   bias_gelu_bwd_partial_kernel   bwd with bias: dx, plus fp32 partial column sums of
-//                                  dx over one slab of rows, written to a workspace
-//   dbias_reduce_kernel            dbias[c] = sum of the slabs' partials, in slab order
+//                                  dx over one slab of rows, written to a workspace; the
+//                                  grid is at most one wave of resident blocks
+//   dbias_reduce_kernel            dbias[c] = the slabs' partials summed in a fixed order
 //
 // Memory traffic is the whole cost, so each thread moves 16 bytes per access when every
 // row start is 16-byte aligned (kVec = 16 / sizeof(T): 8 halves or 4 floats); a row's
-// last, partial chunk is then done element by element. Otherwise kVec = 1.
+// last, partial chunk is then done element by element. Otherwise kVec = 1. Without a
+// bias, contiguous tensors are walked as one row of rows * cols elements.
 // Offsets are int64; the maths is fp32 whatever the storage type.
+//
+// Speed notes (reasoned from the code and ptxas register counts, not yet measured): an
+// earlier version grid-strided the elementwise kernel over 8 blocks per SM, but at 40-52
+// registers per thread only 4-6 blocks of 256 fit, so the grid ran as ~1.3-2 waves with
+// a part-empty last one, and each chunk paid a 64-bit division for its row; it also
+// sized the bwd-with-bias grid with a ceiling division that could spill a few blocks into
+// a second, nearly empty wave (16384 bf16 columns: 576 blocks for 528 slots), and summed
+// the slabs with one serial thread per column (16 blocks for 4096 columns).
 #include "bias_gelu.h"
 
 #include <algorithm>
@@ -33,17 +45,25 @@ constexpr float kBeta = 0.044715f;                   // cubic term of the tanh a
 
 constexpr int kVecBytes = 16;  // one 128-bit global load/store
 constexpr int kThreads = 256;  // elementwise kernel block size
-// 8 blocks x 256 threads = 2048 resident threads, the limit of an SM on sm_80 and sm_90;
-// more blocks than that only add grid-stride loop trips.
-constexpr int kElementwiseBlocksPerSm = 8;
+constexpr int kWarp = 32;      // the narrowest elementwise block row: one warp
+// Rows each elementwise thread walks, so that its bias chunk is loaded once for several
+// rows; small inputs use fewer, to keep at least kMinBlocksPerSm blocks per SM.
+constexpr int64_t kRowsPerThread = 4;
+constexpr int64_t kMinBlocksPerSm = 8;
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1, the gridDim.x limit
+constexpr int64_t kMaxGridY = 65535;       // the gridDim.y limit
 
 // Backward tile: a warp across kBwdThreadsX * kVec columns, kBwdThreadsY warps down rows.
 constexpr int kBwdThreadsX = 32;
 constexpr int kBwdThreadsY = 8;
+// Resident blocks per SM the bwd-with-bias grid is sized for; __launch_bounds__ holds the
+// kernel to 65536 / (kBwdBlocksPerSm * 256) = 64 registers so that they really fit.
 constexpr int kBwdBlocksPerSm = 4;
 // A slab shorter than this spends more on writing its partial sums than on its rows.
 constexpr int64_t kMinRowsPerSlab = 64;
-constexpr int kReduceThreads = 256;
+// Reduce tile: kReduceThreadsX columns, each summed by kReduceThreadsY threads.
+constexpr int kReduceThreadsX = 32;
+constexpr int kReduceThreadsY = 8;
 
 constexpr int kMaxCachedDevices = 64;
 
@@ -140,8 +160,10 @@ __device__ __forceinline__ float gelu_grad(float u) {
 // ---------------------------------------------------------------------------------------
 // Kernels
 
-// fwd: out = gelu(x + bias); bwd (kBwd): out = dy * gelu'(x + bias). Grid-strided over
-// the rows * chunks_per_row chunks of kVec columns.
+// fwd: out = gelu(x + bias); bwd (kBwd): out = dy * gelu'(x + bias). Thread (x, y) of
+// block (bx, by) owns column chunk bx * blockDim.x + x and rows by * blockDim.y + y,
+// + gridDim.y * blockDim.y, ...; the chunk loop only takes a second trip past the grid's
+// x limit.
 template <typename T, int kVec, bool kTanh, bool kBwd>
 __global__ void __launch_bounds__(kThreads)
     bias_gelu_elementwise_kernel(const BiasGeluParams p, const int64_t chunks_per_row) {
@@ -150,35 +172,42 @@ __global__ void __launch_bounds__(kThreads)
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   T* __restrict__ out = static_cast<T*>(p.out);
 
-  const int64_t num_chunks = p.rows * chunks_per_row;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < num_chunks;
-       chunk += step) {
-    const int64_t row = chunk / chunks_per_row;
-    const int64_t col0 = (chunk - row * chunks_per_row) * kVec;
+  const int64_t chunk_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks_per_row;
+       chunk += chunk_step) {
+    const int64_t col0 = chunk * kVec;
     const int n = static_cast<int>(min64(kVec, p.cols - col0));
-
-    // u = x + bias
-    float u[kVec];
-    load_chunk<kVec>(x + row * p.x_row_stride + col0, n, u);
+    float b[kVec];
     if (bias != nullptr) {
-      float b[kVec];
       load_chunk<kVec>(bias + col0, n, b);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) u[i] += b[i];
-    }
-
-    float result[kVec];
-    if constexpr (kBwd) {
-      float g[kVec];
-      load_chunk<kVec>(dy + row * p.dy_row_stride + col0, n, g);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) result[i] = g[i] * gelu_grad<kTanh>(u[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) result[i] = gelu<kTanh>(u[i]);
+      for (int i = 0; i < kVec; ++i) b[i] = 0.0f;
     }
-    store_chunk<kVec>(out + row * p.out_row_stride + col0, n, result);
+
+    for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < p.rows;
+         row += row_step) {
+      // u = x + bias (without a bias u = x exactly, -0 included)
+      float u[kVec];
+      load_chunk<kVec>(x + row * p.x_row_stride + col0, n, u);
+      if (bias != nullptr) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) u[i] += b[i];
+      }
+
+      float result[kVec];
+      if constexpr (kBwd) {
+        float g[kVec];
+        load_chunk<kVec>(dy + row * p.dy_row_stride + col0, n, g);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) result[i] = g[i] * gelu_grad<kTanh>(u[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) result[i] = gelu<kTanh>(u[i]);
+      }
+      store_chunk<kVec>(out + row * p.out_row_stride + col0, n, result);
+    }
   }
 }
 
@@ -187,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
 // [blockIdx.y * rows_per_slab, +rows_per_slab): it writes dx there and the fp32 column
 // sums of dx over its rows to workspace[blockIdx.y, col] (workspace is (slabs, cols)).
 template <typename T, int kVec, bool kTanh>
-__global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY)
+__global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY, kBwdBlocksPerSm)
     bias_gelu_bwd_partial_kernel(const BiasGeluParams p, const int64_t rows_per_slab) {
   // partial[ty][i][tx]: the sum of thread (tx, ty)'s rows for its column i of kVec
   __shared__ float partial[kBwdThreadsY][kVec][kBwdThreadsX];
@@ -239,16 +268,28 @@ __global__ void __launch_bounds__(kBwdThreadsX* kBwdThreadsY)
   }
 }
 
-// dbias[c] = sum over slabs s = 0, 1, ... of workspace[s, c], rounded to T once.
+// dbias[c] = the sum over slabs of workspace[s, c], rounded to T once. Thread (x, y) of
+// block bx sums slabs y, y + kReduceThreadsY, ... of column bx * kReduceThreadsX + x in
+// that order; thread (x, 0) then adds the kReduceThreadsY sums in order of y. The order
+// depends only on num_slabs: the result is deterministic.
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads)
+__global__ void __launch_bounds__(kReduceThreadsX* kReduceThreadsY)
     dbias_reduce_kernel(const float* __restrict__ workspace, const int64_t num_slabs, const int64_t cols,
                         T* __restrict__ dbias) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
+  __shared__ float partial[kReduceThreadsY][kReduceThreadsX];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kReduceThreadsX + threadIdx.x;
   float sum = 0.0f;
-  for (int64_t slab = 0; slab < num_slabs; ++slab) sum += workspace[slab * cols + col];
-  dbias[col] = from_float<T>(sum);
+  if (col < cols) {
+    for (int64_t slab = threadIdx.y; slab < num_slabs; slab += kReduceThreadsY) sum += workspace[slab * cols + col];
+  }
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int ty = 0; ty < kReduceThreadsY; ++ty) total += partial[ty][threadIdx.x];
+    dbias[col] = from_float<T>(total);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -294,10 +335,12 @@ void bool_switch(bool flag, F&& f) {
   }
 }
 
-// Slab layout of the bwd-with-bias grid: enough blocks to fill the GPU, no slab shorter
-// than kMinRowsPerSlab rows and no empty slab. Depends only on (rows, cols, T, SMs), so
-// the workspace size the binding allocates matches the launch, and results are
-// reproducible on a given GPU.
+// Slab layout of the bwd-with-bias grid: as many blocks as fit on the GPU at once
+// (kBwdBlocksPerSm per SM) but never more, so that no part-empty second wave doubles the
+// time; no slab shorter than kMinRowsPerSlab rows and no empty slab. (With more column
+// tiles than resident blocks there is one slab and the column tiles run in waves.)
+// Depends only on (rows, cols, T, SMs), so the workspace size the binding allocates
+// matches the launch, and results are reproducible on a given GPU.
 template <typename T>
 void bwd_slabs(int64_t rows, int64_t cols, int sms, int64_t* num_slabs, int64_t* rows_per_slab) {
   if (rows == 0 || cols == 0) {
@@ -306,7 +349,7 @@ void bwd_slabs(int64_t rows, int64_t cols, int sms, int64_t* num_slabs, int64_t*
     return;
   }
   const int64_t col_tiles = ceil_div(cols, static_cast<int64_t>(kBwdThreadsX) * vec_width<T>());
-  const int64_t wanted = ceil_div(static_cast<int64_t>(sms) * kBwdBlocksPerSm, col_tiles);
+  const int64_t wanted = static_cast<int64_t>(sms) * kBwdBlocksPerSm / col_tiles;  // rounded down
   const int64_t slabs = std::max<int64_t>(1, std::min(wanted, ceil_div(rows, kMinRowsPerSlab)));
   *rows_per_slab = ceil_div(rows, slabs);
   *num_slabs = ceil_div(rows, *rows_per_slab);
@@ -318,22 +361,37 @@ cudaError_t launch_elementwise(const BiasGeluParams& p, bool bwd, cudaStream_t s
   const cudaError_t err = sm_count(p.device, &sms);
   if (err != cudaSuccess) return err;
   const int64_t chunks_per_row = ceil_div(p.cols, kVec);
-  const int64_t blocks =
-      std::min(ceil_div(p.rows * chunks_per_row, kThreads), static_cast<int64_t>(sms) * kElementwiseBlocksPerSm);
+  int64_t block_x = kWarp;  // the power of two in [32, kThreads] covering a row's chunks
+  while (block_x < kThreads && block_x < chunks_per_row) block_x *= 2;
+  const int64_t block_y = kThreads / block_x;
+  const int64_t grid_x = std::min(ceil_div(chunks_per_row, block_x), kMaxGridX);
+  // about kRowsPerThread rows per thread, or one when that gives too few blocks
+  const int64_t row_groups = ceil_div(p.rows, block_y);
+  const int64_t fill = std::min(row_groups, ceil_div(static_cast<int64_t>(sms) * kMinBlocksPerSm, grid_x));
+  const int64_t grid_y = std::min(std::max(ceil_div(row_groups, kRowsPerThread), fill), kMaxGridY);
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+  const dim3 block(static_cast<unsigned>(block_x), static_cast<unsigned>(block_y));
   bool_switch(p.approximate_tanh, [&](auto tanh_flag) {
     constexpr bool kTanh = decltype(tanh_flag)::value;
     bool_switch(bwd, [&](auto bwd_flag) {
       constexpr bool kBwd = decltype(bwd_flag)::value;
-      bias_gelu_elementwise_kernel<T, kVec, kTanh, kBwd>
-          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, chunks_per_row);
+      bias_gelu_elementwise_kernel<T, kVec, kTanh, kBwd><<<grid, block, 0, stream>>>(p, chunks_per_row);
     });
   });
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t elementwise(const BiasGeluParams& p, bool bwd, cudaStream_t stream) {
+cudaError_t elementwise(BiasGeluParams p, bool bwd, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  // Without a bias, tensors laid out like the contiguous output are one row of rows * cols.
+  const bool contiguous = p.x_row_stride == p.cols && p.out_row_stride == p.cols &&
+                          (!bwd || p.dy_row_stride == p.cols);
+  if (p.bias == nullptr && p.rows > 1 && contiguous) {
+    p.cols *= p.rows;
+    p.rows = 1;
+    p.x_row_stride = p.dy_row_stride = p.out_row_stride = p.cols;
+  }
   if (can_vectorize<T>(p, bwd)) return launch_elementwise<T, vec_width<T>()>(p, bwd, stream);
   return launch_elementwise<T, 1>(p, bwd, stream);
 }
@@ -366,7 +424,8 @@ cudaError_t bwd_with_bias(const BiasGeluParams& p, cudaStream_t stream) {
     }
   }
   // With rows == 0 this sums zero slabs: dbias = 0.
-  dbias_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(p.cols, kReduceThreads)), kReduceThreads, 0, stream>>>(
+  const dim3 reduce_block(kReduceThreadsX, kReduceThreadsY);
+  dbias_reduce_kernel<T><<<static_cast<unsigned>(ceil_div(p.cols, kReduceThreadsX)), reduce_block, 0, stream>>>(
       p.workspace, num_slabs, p.cols, static_cast<T*>(p.dbias));
   return cudaGetLastError();
 }

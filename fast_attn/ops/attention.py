@@ -45,6 +45,7 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _attention_common as common
+from fast_attn.ops import _attention_cuda
 from fast_attn.ops._reference_grad import reference_vjp
 from fast_attn.reference.attention import attention_ref, dropout_keep_mask
 
@@ -91,8 +92,8 @@ def _attention_bwd_triton(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed
                                           deterministic, mask_grad, alibi_grad)
 
 
-_FWD = {"torch": _attention_torch, "triton": _attention_triton}
-_BWD = {"torch": _attention_bwd_torch, "triton": _attention_bwd_triton}
+_FWD = {"torch": _attention_torch, "triton": _attention_triton, "cuda": _attention_cuda.attention_fwd}
+_BWD = {"torch": _attention_bwd_torch, "triton": _attention_bwd_triton, "cuda": _attention_cuda.attention_bwd}
 
 
 @torch.library.custom_op("fast_attn::attention_fwd", mutates_args=())

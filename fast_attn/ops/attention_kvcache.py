@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _attention_common as common
+from fast_attn.ops import _attention_cuda
 from fast_attn.ops import _checks
 from fast_attn.reference.attention import attention_with_kvcache_ref
 
@@ -40,7 +41,7 @@ def _kvcache_triton(q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, caus
 
 
 # Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_KVCACHE_FWD = {"torch": _kvcache_torch, "triton": _kvcache_triton}
+_KVCACHE_FWD = {"torch": _kvcache_torch, "triton": _kvcache_triton, "cuda": _attention_cuda.attention_with_kvcache_fwd}
 
 
 @torch.library.custom_op("fast_attn::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))

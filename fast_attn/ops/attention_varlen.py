@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _attention_common as common
+from fast_attn.ops import _attention_cuda
 from fast_attn.ops import _checks
 from fast_attn.ops._reference_grad import reference_vjp
 from fast_attn.reference.attention import attention_varlen_ref
@@ -66,8 +67,8 @@ def _varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 
 # Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_VARLEN_FWD = {"torch": _varlen_torch, "triton": _varlen_triton}
-_VARLEN_BWD = {"torch": _varlen_bwd_torch, "triton": _varlen_bwd_triton}
+_VARLEN_FWD = {"torch": _varlen_torch, "triton": _varlen_triton, "cuda": _attention_cuda.attention_varlen_fwd}
+_VARLEN_BWD = {"torch": _varlen_bwd_torch, "triton": _varlen_bwd_triton, "cuda": _attention_cuda.attention_varlen_bwd}
 
 
 @torch.library.custom_op("fast_attn::attention_varlen_fwd", mutates_args=())

@@ -138,25 +138,41 @@ def _torch_glu_bwd(dy, gate, up, approximate):
     return reference_vjp(lambda g, u: _torch_glu_fwd(g, u, approximate), (gate, up), (dy,))
 
 
-# approximate (None for SwiGLU, "none"/"tanh" for GeGLU) -> the Triton kernel's activation
-_TRITON_GLU_ACTIVATION = {None: "silu", "none": "gelu", "tanh": "gelu_tanh"}
+# approximate (None for SwiGLU, "none"/"tanh" for GeGLU) -> the activation name the Triton
+# kernels and the CUDA op take
+_GLU_ACTIVATION = {None: "silu", "none": "gelu", "tanh": "gelu_tanh"}
+
+
+def _cuda_glu_fwd(gate, up, approximate):
+    from fast_attn._extension import load_extension
+
+    load_extension()
+    # the op reads (..., N) views with any row strides itself: no reshape, no copy here
+    return torch.ops.fast_attn.cuda_glu_fwd(gate, up, _GLU_ACTIVATION[approximate])
+
+
+def _cuda_glu_bwd(dy, gate, up, approximate):
+    from fast_attn._extension import load_extension
+
+    load_extension()
+    return torch.ops.fast_attn.cuda_glu_bwd(dy, gate, up, _GLU_ACTIVATION[approximate])
 
 
 def _triton_glu_fwd(gate, up, approximate):
     from fast_attn.triton_kernels import ffn as triton_ffn
 
-    return triton_ffn.glu_fwd(gate, up, _TRITON_GLU_ACTIVATION[approximate])
+    return triton_ffn.glu_fwd(gate, up, _GLU_ACTIVATION[approximate])
 
 
 def _triton_glu_bwd(dy, gate, up, approximate):
     from fast_attn.triton_kernels import ffn as triton_ffn
 
-    return triton_ffn.glu_bwd(dy, gate, up, _TRITON_GLU_ACTIVATION[approximate])
+    return triton_ffn.glu_bwd(dy, gate, up, _GLU_ACTIVATION[approximate])
 
 
 # Kernels by backend, fn(gate, up, approximate or None for SwiGLU); see _BIAS_GELU_FWD.
-_GLU_FWD = {"torch": _torch_glu_fwd, "triton": _triton_glu_fwd}
-_GLU_BWD = {"torch": _torch_glu_bwd, "triton": _triton_glu_bwd}
+_GLU_FWD = {"torch": _torch_glu_fwd, "cuda": _cuda_glu_fwd, "triton": _triton_glu_fwd}
+_GLU_BWD = {"torch": _torch_glu_bwd, "cuda": _cuda_glu_bwd, "triton": _triton_glu_bwd}
 
 
 def _glu_fake_like(t):

@@ -64,9 +64,24 @@ def _norm_fwd_triton(op, x, weight, bias, residual, eps):
     return y, h, mean, rstd
 
 
+def _cuda_ops():
+    """torch.ops.fast_attn with the CUDA extension loaded (built or JIT-built on first use)."""
+    from fast_attn._extension import load_extension
+
+    load_extension()
+    return torch.ops.fast_attn
+
+
+def _norm_fwd_cuda(op, x, weight, bias, residual, eps):
+    # csrc/norm: any row strides, weight/bias of any float dtype; h and mean come back as
+    # empty tensors when absent, as this layer expects.
+    rms = op == "rms_norm"
+    return _cuda_ops().cuda_norm_fwd(x, residual, weight, None if rms else bias, eps, rms)
+
+
 # Forward kernels by backend: fn(op, x, weight, bias, residual, eps) -> (y, h, mean, rstd).
 # A kernel issue adds its "triton"/"cuda" entry here and its CAPABILITIES in backends.py.
-_FWD_KERNELS = {"torch": _norm_fwd_torch, "triton": _norm_fwd_triton}
+_FWD_KERNELS = {"torch": _norm_fwd_torch, "triton": _norm_fwd_triton, "cuda": _norm_fwd_cuda}
 
 
 def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
@@ -146,7 +161,16 @@ def _norm_bwd_triton(op, dy, dh, inp, weight, bias, mean, rstd, eps):
     return triton_norm.norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd)
 
 
-_BWD_KERNELS = {"torch": _norm_bwd_torch, "triton": _norm_bwd_triton}
+def _norm_bwd_cuda(op, dy, dh, inp, weight, bias, mean, rstd, eps):
+    rms = op == "rms_norm"
+    mean = rstd.new_empty(_EMPTY) if mean is None else mean  # the schema takes a tensor
+    dx, dweight, dbias = _cuda_ops().cuda_norm_bwd(dy, dh, inp, weight, mean, rstd, rms, bias is not None)
+    if bias is not None and dbias.dtype != bias.dtype:
+        dbias = dbias.to(bias.dtype)  # the kernel writes dbias in the weight's dtype
+    return dx, (dweight if weight is not None else None), (dbias if bias is not None else None)
+
+
+_BWD_KERNELS = {"torch": _norm_bwd_torch, "triton": _norm_bwd_triton, "cuda": _norm_bwd_cuda}
 
 
 def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
