@@ -8,7 +8,12 @@
 #   5. a summary table.
 # Every step runs even when an earlier one failed; the exit status is 1 if any failed.
 #
-#   bash scripts/gpu_session.sh [quick|full] [budget_s]
+#   bash scripts/gpu_session.sh [quick|full|tests|sanitize] [budget_s]
+#
+# tests: install, then only the GPU tests, with the whole budget (there are ~2500 of
+# them, more than the 150 s the quick/full modes give them). sanitize: install, then
+# scripts/sanitize.sh. A session runs `tests` and `sanitize` in their own calls (the
+# machine stays warm between calls, so the second install only re-links).
 #
 # quick (default): verify --quick and benchmarks --quick. full: the full verify and the
 # full protocol. budget_s (default 570) is the wall-clock budget of the whole script: the
@@ -31,8 +36,8 @@ cd "$(dirname "$0")/.."
 mode="${1:-quick}"
 budget_s="${2:-570}"
 case "$mode" in
-  quick|full) ;;
-  *) echo "usage: bash scripts/gpu_session.sh [quick|full] [budget_s]" >&2; exit 2 ;;
+  quick|full|tests|sanitize) ;;
+  *) echo "usage: bash scripts/gpu_session.sh [quick|full|tests|sanitize] [budget_s]" >&2; exit 2 ;;
 esac
 OUT="${OUT:-$PWD/gpu_session_out}"
 mkdir -p "$OUT"
@@ -90,6 +95,19 @@ install() {
 export -f install
 step install "$INSTALL_LIMIT_S" install.log \
   env MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 PY="$PY" bash -c install
+if [ "$mode" = tests ]; then
+  step tests "$(left)" tests.log "$PY" -m pytest -m gpu -q -rf
+elif [ "$mode" = sanitize ]; then
+  step sanitize "$(left)" sanitize.log env OUT="$OUT/sanitize" SANITIZE_BUDGET_S="$(($(left) - 10))" \
+    bash scripts/sanitize.sh
+  tar -czf "$OUT/sanitize.tar.gz" -C "$OUT" sanitize 2>/dev/null && rm -rf "$OUT/sanitize"
+fi
+if [ "$mode" = tests ] || [ "$mode" = sanitize ]; then
+  echo "== summary ($mode, $((SECONDS)) s of a ${budget_s} s budget)"
+  for i in "${!names[@]}"; do printf '%-12s %-22s %s\n' "${names[$i]}" "${results[$i]}" "${durations[$i]}"; done
+  tail -n 3 "$OUT/$mode.log"
+  exit "$failed"
+fi
 step tests "$TESTS_LIMIT_S" tests.log "$PY" -m pytest -m gpu -q
 step verify "$VERIFY_LIMIT_S" verify.log "$PY" -m fast_attn.verify "${quick_flag[@]}"
 # The suite stops starting cases a little before its limit, so it finishes and writes

@@ -6,9 +6,6 @@
 // when their last dimension is not contiguous or their leading dimensions cannot be read
 // with one row stride; they are never written. Outputs are contiguous tensors of gate's
 // shape and dtype. Empty inputs give empty outputs without a launch.
-//
-// RowView / as_rows repeat bias_gelu_ops.cpp's (both files keep their helpers private to
-// their translation unit); a shared csrc header would let them be written once.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,43 +16,13 @@
 
 #include <tuple>
 
+#include "common/row_view_ops.h"
 #include "glu.h"
 
 namespace {
 
-// A (..., cols) tensor read as (rows, cols): element (r, c) at data + r * row_stride + c.
-struct RowView {
-  at::Tensor tensor;  // t itself, or its contiguous copy
-  int64_t rows;
-  int64_t cols;
-  int64_t row_stride;
-};
-
-RowView as_rows(const at::Tensor& t) {
-  const int64_t ndim = t.dim();
-  const int64_t cols = t.size(-1);
-  int64_t rows = 1;
-  for (int64_t d = 0; d < ndim - 1; ++d) rows *= t.size(d);
-
-  // The leading dims collapse into one row index when, skipping size-1 dims, each one's
-  // stride is the next inner one's stride times its size.
-  bool collapsible = cols <= 1 || t.stride(-1) == 1;
-  int64_t row_stride = -1;
-  int64_t expected = 0;
-  for (int64_t d = ndim - 2; d >= 0 && collapsible; --d) {
-    if (t.size(d) == 1) continue;
-    if (row_stride < 0) {
-      row_stride = t.stride(d);
-      expected = row_stride * t.size(d);
-    } else if (t.stride(d) == expected) {
-      expected *= t.size(d);
-    } else {
-      collapsible = false;
-    }
-  }
-  if (!collapsible) return RowView{t.contiguous(), rows, cols, cols};
-  return RowView{t, rows, cols, row_stride < 0 ? cols : row_stride};
-}
+using fast_attn::as_rows;
+using fast_attn::RowView;
 
 fast_attn::ScalarKind scalar_kind(const at::Tensor& gate) {
   switch (gate.scalar_type()) {
