@@ -27,11 +27,18 @@ bool device_is_hopper(int device) {
 cudaError_t attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
   const bool hopper_ready = attention_sm90_built() && device_is_hopper(params.device);
   if (params.arch == AttentionArch::kSm90) {
-    return hopper_ready ? attention_fwd_sm90(params, stream) : cudaErrorNotSupported;
+    if (!hopper_ready) return cudaErrorNotSupported;
+    // Forced: run the Hopper kernel unsplit rather than refuse a call that the op layer
+    // sized for split-KV (a small grid); the split workspaces then go unused.
+    AttentionFwdParams unsplit = params;
+    unsplit.num_splits = 1;
+    return attention_fwd_sm90(unsplit, stream);
   }
   if (params.arch == AttentionArch::kAuto && hopper_ready) {
     // The Hopper forward declines (cudaErrorNotSupported, nothing launched) the calls it
-    // does not implement, e.g. split-KV decode; those run on the sm_80 kernels.
+    // does not implement: varlen, kv-cache and split-KV (chosen when the grid underfills
+    // the GPU, where splitting the keys is worth more than the faster kernel); those run
+    // on the sm_80 kernels.
     const cudaError_t status = attention_fwd_sm90(params, stream);
     if (status != cudaErrorNotSupported) return status;
   }

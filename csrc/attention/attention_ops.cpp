@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   TORCH_CHECK_NOT_IMPLEMENTED(status != cudaErrorNotSupported || p.arch != fast_attn::AttentionArch::kSm90,
                               "attention: the sm_90a forward forced by FAST_ATTN_CUDA_ATTENTION_ARCH=sm90 does not ",
                               "handle this call (it needs a Hopper GPU, an extension built for 9.0a with CuTe, and ",
-                              "a dense call without split-KV); unset the variable to let the sm_80 kernels run it");
+                              "a dense call: no varlen, no kv-cache); unset the variable to let the sm_80 kernels run it");
   C10_CUDA_CHECK(status);
   return {out, lse};
 }

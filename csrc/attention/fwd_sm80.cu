@@ -13,7 +13,6 @@
 // (out 0 and lse -inf when every split's lse is -inf). Dense and kv-cache calls only, not
 // varlen.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -22,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "attention_params.h"
+#include "common/device_info.h"
 #include "fwd_sm80.h"
 #include "sm80_primitives.cuh"
 
@@ -36,27 +36,12 @@ constexpr float kFullGpuFraction = 0.8f;
 constexpr int kMinKeyBlocksToSplit = 4;
 // The fewest splits whose wave efficiency is within this factor of the best one.
 constexpr float kSplitEfficiency = 0.85f;
-constexpr int kMaxCachedDevices = 64;
 
 // ---- combine kernel: each thread owns kCombineVec consecutive features of one row.
 constexpr int kCombineThreads = 128;
 constexpr int kCombineVec = 4;  // one float4 of out_accum
 
 constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// SM count of `device`, queried once per device (the attribute query costs ~1 us).
-cudaError_t sm_count(int device, int* count) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
-  if (cacheable) {
-    *count = cache[device].load(std::memory_order_relaxed);
-    if (*count > 0) return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  if (cacheable) cache[device].store(*count, std::memory_order_relaxed);
-  return cudaSuccess;
-}
 
 // Calls f(fwd_sm80::FwdTile<D>{}) for the call's head dim; false if it is not compiled.
 template <typename F>

@@ -25,9 +25,9 @@
 // a second, nearly empty wave (16384 bf16 columns: 576 blocks for 528 slots), and summed
 // the slabs with one serial thread per column (16 blocks for 4096 columns).
 #include "bias_gelu.h"
+#include "common/device_info.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -65,7 +65,6 @@ constexpr int64_t kMinRowsPerSlab = 64;
 constexpr int kReduceThreadsX = 32;
 constexpr int kReduceThreadsY = 8;
 
-constexpr int kMaxCachedDevices = 64;
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -296,20 +295,6 @@ __global__ void __launch_bounds__(kReduceThreadsX* kReduceThreadsY)
 // Host side
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// SM count of `device`, queried once per device (the attribute query costs ~1 us).
-cudaError_t sm_count(int device, int* count) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
-  if (cacheable) {
-    *count = cache[device].load(std::memory_order_relaxed);
-    if (*count > 0) return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  if (cacheable) cache[device].store(*count, std::memory_order_relaxed);
-  return cudaSuccess;
-}
 
 bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
 
