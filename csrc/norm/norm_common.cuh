@@ -12,7 +12,6 @@
 // 105 registers (one 512-thread block per SM), with the aligned path alone 63.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/device_info.h"
 #include "norm.h"
 
 namespace fast_attn {
@@ -30,7 +30,6 @@ constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Named barriers 1..15 are free for teams (0 is __syncthreads).
 constexpr int kMaxNamedBarrierTeams = 15;
-constexpr int kMaxCachedDevices = 64;
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -204,20 +203,6 @@ __device__ __forceinline__ void team_sum(float (&v)[kN], float* red, int team, i
 
 // ---------------------------------------------------------------------------------------
 // Host side
-
-// SM count of `device`, queried once per device (the attribute query costs ~1 us).
-inline cudaError_t sm_count(int device, int* count) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
-  if (cacheable) {
-    *count = cache[device].load(std::memory_order_relaxed);
-    if (*count > 0) return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  if (cacheable) cache[device].store(*count, std::memory_order_relaxed);
-  return cudaSuccess;
-}
 
 inline bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
 

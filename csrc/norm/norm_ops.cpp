@@ -21,43 +21,13 @@
 #include <optional>
 #include <tuple>
 
+#include "common/row_view_ops.h"
 #include "norm.h"
 
 namespace {
 
-// A (..., cols) tensor read as (rows, cols): element (r, c) at data + r * row_stride + c.
-struct RowView {
-  at::Tensor tensor;  // t itself, or its contiguous copy
-  int64_t rows;
-  int64_t cols;
-  int64_t row_stride;
-};
-
-RowView as_rows(const at::Tensor& t) {
-  const int64_t ndim = t.dim();
-  const int64_t cols = t.size(-1);
-  int64_t rows = 1;
-  for (int64_t d = 0; d < ndim - 1; ++d) rows *= t.size(d);
-
-  // The leading dims collapse into one row index when, skipping size-1 dims, each one's
-  // stride is the next inner one's stride times its size.
-  bool collapsible = cols <= 1 || t.stride(-1) == 1;
-  int64_t row_stride = -1;
-  int64_t expected = 0;
-  for (int64_t d = ndim - 2; d >= 0 && collapsible; --d) {
-    if (t.size(d) == 1) continue;
-    if (row_stride < 0) {
-      row_stride = t.stride(d);
-      expected = row_stride * t.size(d);
-    } else if (t.stride(d) == expected) {
-      expected *= t.size(d);
-    } else {
-      collapsible = false;
-    }
-  }
-  if (!collapsible) return RowView{t.contiguous(), rows, cols, cols};
-  return RowView{t, rows, cols, row_stride < 0 ? cols : row_stride};
-}
+using fast_attn::as_rows;
+using fast_attn::RowView;
 
 fast_attn::NormDtype norm_dtype(at::ScalarType type) {
   switch (type) {

@@ -201,8 +201,8 @@ def check_outputs(op, inputs, dy, dh, fwd, bwd, name):
         if param is None:
             assert grad is None or grad.shape == (0,), f"{name}: {what} for an absent parameter"
         else:
-            assert grad.shape == param.shape, f"{name} {what}"
-            assert_close_row_sum(grad.to(param.dtype), o, bl, terms, name=f"{name} {what}")
+            assert grad.shape == param.shape and grad.dtype == param.dtype, f"{name} {what}"
+            assert_close_row_sum(grad, o, bl, terms, name=f"{name} {what}")
 
 
 # ------------------------------------------------------------------------- raw ops
