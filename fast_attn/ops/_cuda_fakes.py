@@ -49,9 +49,11 @@ def _norm_fwd(x, residual, weight, bias, eps, rms):
 
 
 def _norm_bwd(dy, dh, inp, weight, mean, rstd, rms, want_dbias):
+    # dweight and dbias come back in the weight's dtype (x's when there is no weight).
     width = inp.shape[-1]
-    dweight = inp.new_empty((width,) if weight is not None else _EMPTY)
-    dbias = inp.new_empty((width,) if want_dbias else _EMPTY)
+    param_dtype = weight.dtype if weight is not None else inp.dtype
+    dweight = inp.new_empty((width,) if weight is not None else _EMPTY, dtype=param_dtype)
+    dbias = inp.new_empty((width,) if want_dbias else _EMPTY, dtype=param_dtype)
     return _like(inp), dweight, dbias
 
 

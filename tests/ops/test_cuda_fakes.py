@@ -80,6 +80,10 @@ def test_norm_fakes(ops, rms, residual):
         assert meta(dx) == ((2, 3, 33), torch.float16, "cuda")
         assert tuple(dweight.shape) == (0,)
         assert tuple(dbias.shape) == ((0,) if rms else (33,))
+        # Parameters in fp32 while x is fp16: their gradients follow the parameters' dtype.
+        _, dweight, dbias = ops.cuda_norm_bwd(fake(2, 3, 33, dtype=torch.float16), None, x,
+                                              fake(33, dtype=torch.float32), mean, rstd, rms, True)
+        assert meta(dweight) == meta(dbias) == ((33,), torch.float32, "cuda")
 
 
 def test_attention_fakes(ops):
