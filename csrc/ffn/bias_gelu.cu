@@ -24,6 +24,7 @@
 // sized the bwd-with-bias grid with a ceiling division that could spill a few blocks into
 // a second, nearly empty wave (16384 bf16 columns: 576 blocks for 528 slots), and summed
 // the slabs with one serial thread per column (16 blocks for 4096 columns).
+#include "common/element_io.cuh"
 #include "bias_gelu.h"
 #include "common/device_info.h"
 
@@ -37,6 +38,8 @@
 
 namespace fast_attn {
 namespace {
+
+using namespace element_io;  // to_float, from_float, Pack, chunk loads/stores
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;    // 1/sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/sqrt(2*pi)
@@ -68,67 +71,9 @@ constexpr int kReduceThreadsY = 8;
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// ---------------------------------------------------------------------------------------
-// Element conversions: storage type <-> fp32 (explicit intrinsics: torch's nvcc flags
-// disable the implicit __half / __nv_bfloat16 conversions).
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 template <typename T>
 constexpr int vec_width() {
   return kVecBytes / static_cast<int>(sizeof(T));
-}
-
-// kVec elements moved as one aligned access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-// Loads n <= kVec elements at ptr as fp32 (missing ones as 0): a full chunk in one access.
-template <int kVec, typename T>
-__device__ __forceinline__ void load_chunk(const T* ptr, int n, float (&dst)[kVec]) {
-  if (n == kVec) {
-    const Pack<T, kVec> pack = *reinterpret_cast<const Pack<T, kVec>*>(ptr);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dst[i] = to_float(pack.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dst[i] = i < n ? to_float(ptr[i]) : 0.0f;
-  }
-}
-
-// Stores the first n <= kVec values of src at ptr, rounded to T.
-template <int kVec, typename T>
-__device__ __forceinline__ void store_chunk(T* ptr, int n, const float (&src)[kVec]) {
-  if (n == kVec) {
-    Pack<T, kVec> pack;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) pack.v[i] = from_float<T>(src[i]);
-    *reinterpret_cast<Pack<T, kVec>*>(ptr) = pack;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      if (i < n) ptr[i] = from_float<T>(src[i]);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@
 //
 // Known slow case (correct, just not tuned): a row-strided input (not collapsible into
 // one row) with fewer than 32 chunks per row leaves most threads of each warp idle.
+#include "common/element_io.cuh"
 #include "glu.h"
 
 #include <algorithm>
@@ -36,6 +37,8 @@
 
 namespace fast_attn {
 namespace {
+
+using namespace element_io;  // to_float, from_float, Pack, chunk loads/stores
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;     // 1/sqrt(2): erf argument of the exact GELU
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1/sqrt(2*pi): the standard normal density's scale
@@ -50,67 +53,9 @@ constexpr int64_t kMaxGridY = 65535;       // the gridDim.y limit
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// ---------------------------------------------------------------------------------------
-// Element conversions: storage type <-> fp32 (explicit intrinsics: torch's nvcc flags
-// disable the implicit __half / __nv_bfloat16 conversions).
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 template <typename T>
 constexpr int vec_width() {
   return kVecBytes / static_cast<int>(sizeof(T));
-}
-
-// kVec elements moved as one aligned access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-// Loads n <= kVec elements at ptr as fp32 (missing ones as 0): a full chunk in one access.
-template <int kVec, typename T>
-__device__ __forceinline__ void load_chunk(const T* ptr, int n, float (&dst)[kVec]) {
-  if (n == kVec) {
-    const Pack<T, kVec> pack = *reinterpret_cast<const Pack<T, kVec>*>(ptr);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dst[i] = to_float(pack.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dst[i] = i < n ? to_float(ptr[i]) : 0.0f;
-  }
-}
-
-// Stores the first n <= kVec values of src at ptr, rounded to T.
-template <int kVec, typename T>
-__device__ __forceinline__ void store_chunk(T* ptr, int n, const float (&src)[kVec]) {
-  if (n == kVec) {
-    Pack<T, kVec> pack;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) pack.v[i] = from_float<T>(src[i]);
-    *reinterpret_cast<Pack<T, kVec>*>(ptr) = pack;
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      if (i < n) ptr[i] = from_float<T>(src[i]);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -20,10 +20,13 @@
 #include <cuda_runtime.h>
 
 #include "common/device_info.h"
+#include "common/element_io.cuh"
 #include "norm.h"
 
 namespace fast_attn {
 namespace norm_detail {
+
+using namespace element_io;  // to_float, from_float, Pack, chunk loads/stores
 
 constexpr int kVecBytes = 16;  // one 128-bit global load/store
 constexpr int kWarpSize = 32;
@@ -38,35 +41,6 @@ template <typename T>
 __host__ __device__ constexpr int vec_width() {
   return kVecBytes / static_cast<int>(sizeof(T));
 }
-
-// ---------------------------------------------------------------------------------------
-// Element conversions: storage type <-> fp32 (explicit intrinsics: torch's nvcc flags
-// disable the implicit __half / __nv_bfloat16 conversions).
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// kVec elements moved as one aligned access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 // Valid elements (0..kVec) of the chunk starting at column col0.
 template <int kVec>
