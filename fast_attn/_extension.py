@@ -14,6 +14,7 @@ not touch the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -89,15 +90,19 @@ def load_extension() -> None:
             return
         if _failure is not None:
             raise ExtensionUnavailable(_failure)
+        from fast_attn import backends
+
         try:
             loaded = _load()
         except ExtensionUnavailable as exc:
             _failure = str(exc)
+            backends.forget_statuses()  # the cuda backend is unavailable from now on; auto falls back
             raise
-        from fast_attn.ops import _cuda_fakes  # the ops exist now; give them fake functions
+        from fast_attn.cuda_backend import _fakes  # the ops exist now; give them fake functions
 
-        _cuda_fakes.register()
+        _fakes.register()
         _loaded = loaded
+        backends.forget_statuses()
 
 
 def _import_aot() -> tuple[bool, str]:
@@ -158,6 +163,29 @@ def _jit_build_directory() -> str | None:
     return get_build_directory(_cfg.JIT_EXTENSION_NAME, False)
 
 
+@contextlib.contextmanager
+def _temporarily(owner, attribute: str, value):
+    previous = getattr(owner, attribute)
+    setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, previous)
+
+
+@contextlib.contextmanager
+def _temporary_env(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def _load() -> str:
     imported, aot_reason = _import_aot()
     if imported:
@@ -169,13 +197,9 @@ def _load() -> str:
 
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME != str(cuda_home):
-        logger.info("fast_attn: using the CUDA toolkit at %s for the JIT build (%s)", cuda_home, jit_reason)
-        cpp_extension.CUDA_HOME = str(cuda_home)  # load() compiles with $CUDA_HOME/bin/nvcc
     build_directory = _jit_build_directory()
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     arch_list = _cfg.jit_arch_list(os.environ, capability)
-    os.environ[_cfg.ARCH_LIST_ENV] = arch_list  # torch's load() reads it
     hopper_flags, hopper_note = _cfg.hopper_nvcc_flags(arch_list, _cfg.cutlass_include_dir(sys.path))
     logger.info("fast_attn: %s", hopper_note)
     site_packages = Path(torch.__file__).resolve().parent.parent
@@ -186,16 +210,21 @@ def _load() -> str:
         sources,
         build_directory or "torch's extension cache",
     )
+    if cpp_extension.CUDA_HOME != str(cuda_home):
+        logger.info("fast_attn: using the CUDA toolkit at %s for the JIT build (%s)", cuda_home, jit_reason)
     try:
-        cpp_extension.load(
-            name=_cfg.JIT_EXTENSION_NAME,
-            sources=[str(path) for path in _cfg.source_files(sources)],
-            extra_cflags=list(_cfg.CXX_FLAGS) + _cfg.cxx_include_flags(wheel_includes),
-            extra_cuda_cflags=list(_cfg.NVCC_FLAGS) + hopper_flags,
-            extra_include_paths=[str(sources)],
-            build_directory=build_directory,
-            is_python_module=False,
-        )
+        # torch's load() compiles with cpp_extension.CUDA_HOME and reads the arch list from
+        # the environment: set both for the build only, and give the process back its own.
+        with _temporarily(cpp_extension, "CUDA_HOME", str(cuda_home)), _temporary_env(_cfg.ARCH_LIST_ENV, arch_list):
+            cpp_extension.load(
+                name=_cfg.JIT_EXTENSION_NAME,
+                sources=[str(path) for path in _cfg.source_files(sources)],
+                extra_cflags=list(_cfg.CXX_FLAGS) + _cfg.cxx_include_flags(wheel_includes),
+                extra_cuda_cflags=list(_cfg.NVCC_FLAGS) + hopper_flags,
+                extra_include_paths=[str(sources)],
+                build_directory=build_directory,
+                is_python_module=False,
+            )
     except (RuntimeError, OSError, ImportError, ValueError) as exc:
         raise ExtensionUnavailable(
             f"{aot_reason}, and the JIT build in {build_directory or 'the torch extension cache'} failed: {exc}"

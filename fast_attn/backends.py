@@ -3,21 +3,27 @@
 Three backends compute every op:
 
 - ``"cuda"``:   the CUDA C++ kernels in ``fast_attn._C`` (built by setup.py or JIT-built
-                on first use);
+                on first use), reached through ``fast_attn.cuda_backend``;
 - ``"triton"``: the Triton kernels in ``fast_attn.triton_kernels``; on a CUDA device, or
                 on CPU tensors when ``TRITON_INTERPRET=1`` (the Triton interpreter);
-- ``"torch"``:  the pure-PyTorch reference ops; any device, every feature.
+- ``"torch"``:  ``fast_attn.torch_backend``: ATen's fused ops where they compute exactly
+                our semantics, plain maths for the rest; any device, every feature.
 
 Each backend declares, per op, the dtypes and features it implements (``CAPABILITIES``).
-``"auto"`` picks cuda if it is available and can do the call, else triton if the tensors
-are on a CUDA device and it can do the call, else torch: it never picks a backend that
-would compute something different. The requested backend comes from, in order of
-precedence: the ``backend=`` argument of a call (when not ``"auto"``), the innermost
-``with use_backend(...)`` block, the ``FAST_ATTN_BACKEND`` environment variable.
+``"auto"`` picks the first of cuda, triton, torch that can do the call here, but only
+kernel families with evidence: a cuda family only where the GPU test suite has passed it
+on this architecture (``fast_attn/verified.py``, data with the results file that shows
+the pass); triton is eligible on CUDA devices on the strength of its interpreter tests and
+sm_90 compile checks; torch always. Auto never picks a backend that would compute
+something different. The requested backend comes from, in order of precedence: the
+``backend=`` argument of a call (when not ``"auto"``), the innermost ``with
+use_backend(...)`` block, the ``FAST_ATTN_BACKEND`` environment variable.
 
 The choice is made when the op runs (inside the custom op), not when it is traced, so a
-``torch.compile``-d model follows ``use_backend`` blocks without recompiling.
-``select_backend`` is a pure function of its arguments so tests exercise every rule on CPU.
+``torch.compile``-d model follows ``use_backend`` blocks without recompiling, and nothing
+outside the custom ops reads the context (Dynamo before torch 2.14 cannot trace a
+``ContextVar``). ``select_backend`` is a pure function of its arguments so tests exercise
+every rule on CPU; ``resolve_backend`` memoizes it per (call, request).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Iterator, Mapping, NamedTuple, Optional
 
 import torch
 
+from fast_attn import verified as _verified
+
 BACKENDS = ("cuda", "triton", "torch")
 AUTO = "auto"
 ENV_BACKEND = "FAST_ATTN_BACKEND"
@@ -38,6 +46,11 @@ ENV_BACKEND = "FAST_ATTN_BACKEND"
 # sm_80), "sm80" (force the Ampere kernels, e.g. to test them on an H100) or "sm90".
 ENV_CUDA_ATTENTION_ARCH = "FAST_ATTN_CUDA_ATTENTION_ARCH"
 CUDA_ATTENTION_ARCHS = {"auto": 0, "sm80": 1, "sm90": 2}  # the `arch` argument of the cuda ops
+# Backends that auto may pick without a row in fast_attn/verified.py, and why.
+UNGATED = {
+    "torch": "ATen ops, verified against the reference on every CI run",
+    "triton": "verified against the reference under the Triton interpreter and compiled for sm_90 on every CI run",
+}
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -85,6 +98,7 @@ class Call:
     dtype: torch.dtype
     features: frozenset = frozenset()
     head_dim: int = 0  # attention only; 0 elsewhere
+    arch: tuple = ()  # the CUDA device's compute capability, () elsewhere
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,10 @@ def triton_interpret_enabled() -> bool:
 
 
 def _torch_status() -> BackendStatus:
-    return BackendStatus(True, "pure PyTorch reference ops", frozenset({"cpu", "cuda", "mps", "xpu"}))
+    return BackendStatus(
+        True, "ATen fused ops (plain maths where ATen has no op for a feature)",
+        frozenset({"cpu", "cuda", "mps", "xpu"}),
+    )
 
 
 def _triton_status() -> BackendStatus:
@@ -195,13 +212,24 @@ def _cuda_status() -> BackendStatus:
     available, reason = extension_status()
     if available and not torch.cuda.is_available():
         return BackendStatus(False, f"no CUDA device ({reason})")
-    return BackendStatus(available, reason, frozenset({"cuda"}) if available else frozenset())
+    if not available:
+        return BackendStatus(False, reason)
+    arch = device_arch(torch.device("cuda", torch.cuda.current_device()))
+    gated = _verified.unverified_ops("cuda", arch, OPS)
+    if gated:
+        reason = (
+            f"{reason}; not yet verified on a GPU of compute capability {arch[0]}.{arch[1]} "
+            f"for {', '.join(gated)}: auto skips those, backend='cuda' runs them"
+        )
+    return BackendStatus(True, reason, frozenset({"cuda"}))
 
 
 _PROBES = {"cuda": _cuda_status, "triton": _triton_status, "torch": _torch_status}
-# Probing is cheap but not free (the cuda probe inspects the toolchain); the answer cannot
-# change within a process except through TRITON_INTERPRET, which is part of the key.
+# Probing is cheap but not free (the cuda probe inspects the toolchain); the answer changes
+# within a process only through TRITON_INTERPRET (part of the key) or a failed load of
+# the CUDA extension (which calls ``forget_statuses``).
 _status_cache: dict = {}
+_selection_cache: dict = {}
 
 
 def available_backends() -> dict:
@@ -209,16 +237,47 @@ def available_backends() -> dict:
 
     >>> {name: status.reason for name, status in fast_attn.available_backends().items()}
     """
+    return dict(_statuses())
+
+
+def _statuses() -> Mapping[str, BackendStatus]:
     key = triton_interpret_enabled()
-    if key not in _status_cache:
-        _status_cache[key] = {name: probe() for name, probe in _PROBES.items()}
-    return dict(_status_cache[key])
+    statuses = _status_cache.get(key)
+    if statuses is None:
+        statuses = _status_cache[key] = {name: probe() for name, probe in _PROBES.items()}
+    return statuses
+
+
+def forget_statuses() -> None:
+    """Probe again on the next call (after the CUDA extension failed or succeeded to load)."""
+    _status_cache.clear()
+    _selection_cache.clear()
+
+
+_ARCHS: dict = {}
+
+
+def device_arch(device: torch.device) -> tuple:
+    """The compute capability of a CUDA device, () for other devices (cached per device)."""
+    if device.type != "cuda":
+        return ()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _ARCHS.get(index)
+    if arch is None:
+        arch = _ARCHS[index] = tuple(torch.cuda.get_device_capability(index))
+    return arch
+
+
+# ----------------------------------------------------------------------- the request
 
 
 _requested: contextvars.ContextVar = contextvars.ContextVar("fast_attn_backend", default=None)
+_cuda_arch_requested: contextvars.ContextVar = contextvars.ContextVar("fast_attn_cuda_arch", default=None)
 
 
-def _check_name(name: str, allow_auto: bool = True) -> str:
+def check_name(name: object, allow_auto: bool = True) -> str:
+    """``name`` if it is a backend name (or "auto"), else ValueError. Pure: safe to call
+    outside the custom ops (torch.compile traces it)."""
     valid = BACKENDS + ((AUTO,) if allow_auto else ())
     if not isinstance(name, str) or name not in valid:
         raise ValueError(f"backend must be one of {valid}, got {name!r}")
@@ -231,7 +290,7 @@ def use_backend(name: str) -> Iterator[None]:
 
     An explicit ``backend=`` argument of a call still takes precedence.
     """
-    token = _requested.set(_check_name(name))
+    token = _requested.set(check_name(name))
     try:
         yield
     finally:
@@ -239,22 +298,63 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def requested_backend(per_call: str = AUTO) -> str:
-    """The backend asked for: per call, else the innermost use_backend block, else the env."""
-    _check_name(per_call)
+    """The backend asked for: per call, else the innermost use_backend block, else the env.
+
+    Reads a ContextVar: call it only inside the custom ops.
+    """
     if per_call != AUTO:
-        return per_call
+        return check_name(per_call)
     block = _requested.get()
     if block is not None and block != AUTO:
         return block
-    env = os.environ.get(ENV_BACKEND, AUTO) or AUTO
-    if env not in BACKENDS + (AUTO,):
+    env = os.environ.get(ENV_BACKEND) or AUTO
+    if env not in BACKENDS and env != AUTO:
         raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS + (AUTO,)}, got {env!r}")
     return env
 
 
-def _cannot(name: str, call: Call, statuses: Mapping[str, BackendStatus]) -> Optional[str]:
-    """None if backend ``name`` can serve ``call`` here, else why not."""
-    status = statuses[name]
+@contextlib.contextmanager
+def use_cuda_attention_arch(name: str) -> Iterator[None]:
+    """Run the cuda attention ops called inside the block on kernel family ``name``:
+    "sm80" (the Ampere kernels, e.g. to test them on an H100), "sm90" (the Hopper
+    forward) or "auto" (sm_90a on Hopper where it was built and serves the call, else
+    sm_80). ``FAST_ATTN_CUDA_ATTENTION_ARCH`` sets the process default."""
+    if name not in CUDA_ATTENTION_ARCHS:
+        raise ValueError(f"cuda attention arch must be one of {sorted(CUDA_ATTENTION_ARCHS)}, got {name!r}")
+    token = _cuda_arch_requested.set(name)
+    try:
+        yield
+    finally:
+        _cuda_arch_requested.reset(token)
+
+
+def cuda_attention_arch() -> int:
+    """The ``arch`` argument of the cuda attention ops: the innermost
+    ``use_cuda_attention_arch`` block, else ``FAST_ATTN_CUDA_ATTENTION_ARCH``, else auto.
+
+    Read when the op runs (like the backend choice). ``sm90`` applies to the forward;
+    there is one backward kernel family (sm_80).
+    """
+    block = _cuda_arch_requested.get()
+    if block is not None:
+        return CUDA_ATTENTION_ARCHS[block]
+    raw = os.environ.get(ENV_CUDA_ATTENTION_ARCH, "auto").strip().lower() or "auto"
+    if raw not in CUDA_ATTENTION_ARCHS:
+        raise ValueError(
+            f"{ENV_CUDA_ATTENTION_ARCH}={raw!r} is not understood: expected one of {sorted(CUDA_ATTENTION_ARCHS)}"
+        )
+    return CUDA_ATTENTION_ARCHS[raw]
+
+
+# ------------------------------------------------------------------------ the choice
+
+
+def why_not(name: str, call: Call, statuses: Optional[Mapping[str, BackendStatus]] = None) -> Optional[str]:
+    """None if backend ``name`` can compute ``call`` here when asked for by name, else why
+    not (one sentence). ``statuses`` defaults to this process's ``available_backends()``.
+    Says nothing of auto's evidence rule: see ``why_not_auto``."""
+    check_name(name, allow_auto=False)
+    status = (statuses if statuses is not None else _statuses())[name]
     if not status.available:
         return f"the {name} backend is not available here: {status.reason}"
     if call.device_type not in status.devices:
@@ -268,50 +368,57 @@ def _cannot(name: str, call: Call, statuses: Mapping[str, BackendStatus]) -> Opt
     return None
 
 
-def select_backend(call: Call, requested: str, statuses: Mapping[str, BackendStatus]) -> str:
+def why_not_auto(name: str, call: Call, statuses: Optional[Mapping[str, BackendStatus]] = None,
+                 verified=None) -> Optional[str]:
+    """None if ``"auto"`` may pick backend ``name`` for ``call`` (it can, and the evidence
+    rule allows it), else why not."""
+    reason = why_not(name, call, statuses)
+    if reason is not None:
+        return reason
+    if name == "triton" and call.device_type != "cuda":
+        return "auto uses the Triton interpreter only when asked for by name"
+    if name not in UNGATED and not _verified.is_verified(name, call.op, call.arch, verified):
+        where = f"compute capability {call.arch[0]}.{call.arch[1]}" if call.arch else call.device_type
+        return (f"the {name} backend's {call.op} has not yet passed the GPU test suite on {where} "
+                f"(fast_attn/verified.py): it runs only when asked for by name")
+    return None
+
+
+def select_backend(call: Call, requested: str, statuses: Mapping[str, BackendStatus], verified=None) -> str:
     """The backend that runs ``call``: a pure function of its arguments.
 
-    ``requested`` is a backend name or "auto". Raises NotImplementedError when the
-    explicitly requested backend cannot serve the call, naming the reason and the
-    backends that can.
+    ``requested`` is a backend name or "auto"; ``verified`` the record of GPU-verified
+    kernel families (default: ``fast_attn.verified.VERIFIED``). Raises
+    NotImplementedError when the explicitly requested backend cannot serve the call,
+    naming the reason and the backends that can.
     """
-    _check_name(requested)
+    check_name(requested)
     if requested != AUTO:
-        reason = _cannot(requested, call, statuses)
+        reason = why_not(requested, call, statuses)
         if reason is None:
             return requested
-        able = [name for name in BACKENDS if _cannot(name, call, statuses) is None]
+        able = [name for name in BACKENDS if why_not(name, call, statuses) is None]
         raise NotImplementedError(
             f"{call.op}: {reason}; backends that can run this call here: {able}"
         )
     for name in BACKENDS:
-        if name == "triton" and call.device_type != "cuda":
-            continue  # auto uses the Triton interpreter only when asked for by name
-        if _cannot(name, call, statuses) is None:
+        if why_not_auto(name, call, statuses, verified) is None:
             return name
-    reason = _cannot("torch", call, statuses)
+    reason = why_not("torch", call, statuses)
     raise NotImplementedError(f"{call.op}: no backend can run this call: {reason}")
 
 
 def resolve_backend(call: Call, per_call: str = AUTO) -> str:
-    """``select_backend`` for this process: the requested backend and the probed statuses."""
-    return select_backend(call, requested_backend(per_call), available_backends())
+    """``select_backend`` for this process: the requested backend and the probed statuses
+    (memoized per call summary and request; call it only inside the custom ops)."""
+    requested = requested_backend(per_call)
+    key = (call, requested, triton_interpret_enabled())
+    name = _selection_cache.get(key)
+    if name is None:
+        name = _selection_cache[key] = select_backend(call, requested, _statuses())
+    return name
 
 
 def features(**flags: bool) -> frozenset:
     """``features(causal=True, dropout=False)`` -> frozenset({"causal"})."""
     return frozenset(name for name, present in flags.items() if present)
-
-
-def cuda_attention_arch() -> int:
-    """The ``arch`` argument of the cuda attention ops, from ``FAST_ATTN_CUDA_ATTENTION_ARCH``.
-
-    Read when the op runs (like the backend choice), so tests can switch it per call.
-    ``sm90`` applies to the forward; there is one backward kernel family (sm_80).
-    """
-    raw = os.environ.get(ENV_CUDA_ATTENTION_ARCH, "auto").strip().lower() or "auto"
-    if raw not in CUDA_ATTENTION_ARCHS:
-        raise ValueError(
-            f"{ENV_CUDA_ATTENTION_ARCH}={raw!r} is not understood: expected one of {sorted(CUDA_ATTENTION_ARCHS)}"
-        )
-    return CUDA_ATTENTION_ARCHS[raw]

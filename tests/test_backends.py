@@ -19,6 +19,7 @@ import torch
 import fast_attn
 from fast_attn import backends
 from fast_attn.backends import BackendStatus, Call, Capability
+from fast_attn.verified import Verified, is_verified
 
 ALL_ATTENTION = backends.ATTENTION_FEATURES
 KERNEL_DTYPES = backends.KERNEL_DTYPES
@@ -34,8 +35,14 @@ def statuses(cuda=UP_CUDA, triton=UP_CPU_CUDA, torch_=TORCH_UP):
     return {"cuda": cuda, "triton": triton, "torch": torch_}
 
 
+H100 = (9, 0)
+# A record in which the cuda attention has passed the GPU suite on an H100 (tests only).
+H100_ATTENTION = (Verified("cuda", "attention", H100, "benchmarks/results/example/summary.md"),)
+
+
 def attention_call(device="cuda", dtype=torch.bfloat16, head_dim=64, **flags):
-    return Call("attention", device, dtype, backends.features(**flags), head_dim=head_dim)
+    arch = H100 if device == "cuda" else ()
+    return Call("attention", device, dtype, backends.features(**flags), head_dim=head_dim, arch=arch)
 
 
 @pytest.fixture
@@ -63,9 +70,39 @@ def test_auto_on_cpu_is_torch_even_with_triton_interpreter(kernel_capabilities):
     assert backends.select_backend(call, "auto", statuses()) == "torch"
 
 
-def test_auto_on_cuda_prefers_cuda(kernel_capabilities):
+def test_auto_on_cuda_prefers_verified_cuda(kernel_capabilities):
     call = attention_call(causal=True, alibi=True, gqa=True, backward=True)
-    assert backends.select_backend(call, "auto", statuses()) == "cuda"
+    assert backends.select_backend(call, "auto", statuses(), verified=H100_ATTENTION) == "cuda"
+
+
+def test_auto_skips_cuda_families_without_a_gpu_record(kernel_capabilities):
+    """Dispatch by evidence: no row for (cuda, attention, this arch) -> triton."""
+    call = attention_call(causal=True)
+    assert backends.select_backend(call, "auto", statuses(), verified=()) == "triton"
+    other_arch = Call("attention", "cuda", torch.bfloat16, call.features, head_dim=64, arch=(8, 0))
+    assert backends.select_backend(other_arch, "auto", statuses(), verified=H100_ATTENTION) == "triton"
+    reason = backends.why_not_auto("cuda", other_arch, statuses(), verified=H100_ATTENTION)
+    assert "has not yet passed the GPU test suite on compute capability 8.0" in reason
+
+
+def test_unverified_cuda_still_runs_when_asked_for(kernel_capabilities):
+    call = attention_call(causal=True)
+    assert backends.select_backend(call, "cuda", statuses(), verified=()) == "cuda"
+
+
+def test_the_package_record_gates_every_cuda_family_today():
+    """No CUDA kernel has run on a GPU yet: the shipped record is empty, so auto never
+    picks cuda (a GPU session adds rows with the results that show the pass)."""
+    for op in backends.OPS:
+        assert not is_verified("cuda", op, H100)
+    assert set(backends.UNGATED) == {"torch", "triton"}
+
+
+def test_why_not_is_public_and_names_the_reason(kernel_capabilities):
+    call = attention_call(dropout=True)
+    assert backends.why_not("triton", call, statuses()) is None
+    assert "does not support feature 'dropout'" in backends.why_not("cuda", call, statuses())
+    assert "not available here" in backends.why_not("cuda", call, statuses(cuda=CUDA_DOWN))
 
 
 def test_auto_on_cuda_falls_to_triton_when_cuda_lacks_feature(kernel_capabilities):
@@ -203,6 +240,55 @@ def test_requested_block_restored_after_exception(monkeypatch):
                 raise RuntimeError("boom")
         assert backends.requested_backend() == "torch"
     assert backends.requested_backend() == "auto"
+
+
+def test_cuda_attention_arch_block_beats_env(monkeypatch):
+    monkeypatch.setenv(backends.ENV_CUDA_ATTENTION_ARCH, "sm90")
+    assert backends.cuda_attention_arch() == backends.CUDA_ATTENTION_ARCHS["sm90"]
+    with backends.use_cuda_attention_arch("sm80"):
+        assert backends.cuda_attention_arch() == backends.CUDA_ATTENTION_ARCHS["sm80"]
+        with backends.use_cuda_attention_arch("auto"):
+            assert backends.cuda_attention_arch() == 0
+    assert backends.cuda_attention_arch() == backends.CUDA_ATTENTION_ARCHS["sm90"]
+    with pytest.raises(ValueError, match="cuda attention arch"):
+        with backends.use_cuda_attention_arch("sm70"):
+            pass
+
+
+def test_failed_extension_load_makes_cuda_unavailable_and_auto_falls_back(monkeypatch):
+    """A failed JIT build: cuda is unavailable for the process (with the reason) and a call
+    under auto falls back instead of raising; asked for by name, it raises the reason."""
+    from fast_attn import _extension
+    from fast_attn.ops import _dispatch
+
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(_extension, "_failure", None)
+
+    def failing_load():
+        raise _extension.ExtensionUnavailable("the JIT build failed: nvcc exploded")
+
+    monkeypatch.setattr(_extension, "_load", failing_load)
+    monkeypatch.setattr(_extension, "extension_status", lambda: (True, "JIT-buildable") if _extension._failure is None
+                        else (False, _extension._failure))
+    monkeypatch.setattr(backends, "_PROBES", dict(backends._PROBES, cuda=lambda: (
+        BackendStatus(True, "JIT-buildable", frozenset({"cpu"})) if _extension._failure is None
+        else BackendStatus(False, _extension._failure))))
+    monkeypatch.setattr(backends, "CAPABILITIES", dict(backends.CAPABILITIES, cuda=backends.CAPABILITIES["torch"]))
+    monkeypatch.setattr(backends, "UNGATED", dict(backends.UNGATED, cuda="test stand-in"))
+    backends.forget_statuses()
+    try:
+        call = Call("layer_norm", "cpu", torch.float32, backends.features(weight=True))
+        assert backends.resolve_backend(call) == "cuda"  # before the first use
+        assert _dispatch.choose(call, "auto") == "torch"  # the load fails: fall back
+        status = fast_attn.available_backends()["cuda"]
+        assert not status and "nvcc exploded" in status.reason
+        with pytest.raises(NotImplementedError, match="cuda backend is not available here.*nvcc exploded"):
+            _dispatch.choose(call, "cuda")
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(fast_attn.layer_norm(x), torch.nn.functional.layer_norm(x, (8,)))
+    finally:
+        monkeypatch.undo()
+        backends.forget_statuses()
 
 
 def test_use_backend_rejects_unknown_name():

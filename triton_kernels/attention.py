@@ -30,16 +30,16 @@ row of the query tile sees in full run a loop with no position masks, and the (a
 two) ranges of edge blocks at the band's edges and the sequence end run the masked loop;
 the dK/dV kernel keeps one loop and masks its edge blocks behind a uniform branch (fewer
 registers with K and V resident, see ``_attn_bwd_dkdv_blocks``). Dropout regenerates the
-keep-mask of ``fast_attn.reference.attention.dropout_keep_mask`` bit for bit (fmix32
-counter hash on uint32) in the forward and both backward kernels; it is never stored.
+keep-mask of ``fast_attn._dropout_hash`` bit for bit (fmix32 counter hash on uint32) in the forward and both backward kernels; it is never stored.
 
-Packed sequences (``attention_varlen_*``, FlashAttention-2's varlen layout) run the same
-kernels with each program finding its sequence's rows and length in ``cu_seqlens``
-(IS_VARLEN); masks, ALiBi and the dropout counter keep the padded ``(B, H, max_seqlen_q,
-max_seqlen_k)`` coordinates of ``attention_varlen_ref``. The KV-cache step
-(``attention_with_kvcache_fwd``) appends the new keys/values with one in-place scatter,
-then runs the forward with a per-row key count (HAS_SEQLENS_K; cache rows past it are
-never read); when the grid cannot fill the GPU the keys are split across programs
+The launchers ``attention_fwd(q, k, v, params, packing)`` and ``attention_bwd(dout, q,
+k, v, out, lse, params, packing, grads)`` take the call's ``AttentionParams`` and
+``Packing`` (fast_attn/ops/attention_params.py). Packed sequences (``packing.kind ==
+"varlen"``, FlashAttention-2's varlen layout) run the same kernels with each program
+finding its sequence's rows and length in ``cu_seqlens`` (IS_VARLEN); masks, ALiBi and
+the dropout counter keep the padded ``(B, H, max_seqlen_q, max_seqlen_k)`` coordinates.
+The KV-cache step (``"cache"``: the op layer has appended the new keys/values) runs the
+forward with a per-row key count (HAS_SEQLENS_K; cache rows past it are never read); when the grid cannot fill the GPU the keys are split across programs
 (Flash-Decoding: Dao et al. 2023) and ``_attn_fwd_combine_kernel`` merges the splits'
 normalised outputs by their LSE.
 
@@ -70,16 +70,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fast_attn.backends import triton_interpret_enabled
-from fast_attn.reference.attention import _dropout_key, dropout_threshold
+from fast_attn._dropout_hash import dropout_key, dropout_threshold
+from fast_attn.ops.attention_params import CACHE, VARLEN, AttentionParams, BiasGrads, Packing
+from fast_attn.triton_kernels._device import interpret_enabled, sm_count
 
-__all__ = [
-    "attention_fwd",
-    "attention_bwd",
-    "attention_varlen_fwd",
-    "attention_varlen_bwd",
-    "attention_with_kvcache_fwd",
-]
+__all__ = ["attention_fwd", "attention_bwd"]
 
 # --------------------------------------------------------------------------- constants
 
@@ -926,7 +921,7 @@ def _launch(tuned, grid, *args, **kwargs) -> None:
     """Autotuned launch on a GPU; the pinned tile under the interpreter or when overridden."""
     name = tuned.fn.__name__
     config = TILE_OVERRIDE.get(name)
-    if config is None and triton_interpret_enabled():
+    if config is None and interpret_enabled():
         config = INTERPRETER_TILES[name]
     if config is None:
         tuned[grid](*args, **kwargs)
@@ -959,20 +954,19 @@ def _tune_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), MAX_TUNE_BUCKET)
 
 
-def _score_args(q, batch, seqlen_q, seqlen_k, attn_mask, alibi_slopes, seed, causal, softmax_scale,
-                window, softcap, dropout_p) -> _ScoreArgs:
+def _score_args(q: Tensor, batch: int, seqlen_q: int, seqlen_k: int, params: AttentionParams) -> _ScoreArgs:
     """The kernels' score arguments; seqlen_q/seqlen_k are the (padded, for varlen) extents."""
     num_heads, head_dim = q.shape[-2], q.shape[-1]
 
     # Band [i + off - left, i + off + right]; unbounded sides get a distance no pair of
     # positions reaches; causal is the band's right edge at 0.
     unbounded = seqlen_q + seqlen_k
-    window_left = window[0] if window[0] >= 0 else unbounded
-    window_right = window[1] if window[1] >= 0 else unbounded
-    if causal:
+    window_left = params.window[0] if params.window[0] >= 0 else unbounded
+    window_right = params.window[1] if params.window[1] >= 0 else unbounded
+    if params.causal:
         window_right = min(window_right, 0)
-    has_band = causal or window[0] >= 0 or window[1] >= 0
 
+    attn_mask, alibi_slopes = params.attn_mask, params.alibi_slopes
     if attn_mask is None:
         mask, mask_strides, mask_kind = q, (0, 0, 0, 0), MASK_NONE
     else:
@@ -989,28 +983,29 @@ def _score_args(q, batch, seqlen_q, seqlen_k, attn_mask, alibi_slopes, seed, cau
         alibi_strides = alibi.stride()
 
     # Scores are kept in log2 units: exp(x) = exp2(x * log2(e)).
-    softmax_scale, softcap = float(softmax_scale), float(softcap)
+    softmax_scale, softcap = float(params.softmax_scale), float(params.softcap)
     if softcap > 0.0:
         qk_scale, softcap_log2 = softmax_scale / softcap, softcap * LOG2E.value
     else:
         qk_scale, softcap_log2 = softmax_scale * LOG2E.value, 0.0
 
-    dropout_key, dropout_thresh, dropout_scale = 0, 0, 1.0
+    key, thresh, dropout_scale = 0, 0, 1.0
+    dropout_p = params.dropout_p
     if dropout_p > 0.0:
-        dropout_key = _dropout_key(seed)
-        dropout_thresh = dropout_threshold(dropout_p)
+        key = dropout_key(params.dropout_seed)
+        thresh = dropout_threshold(dropout_p)
         dropout_scale = 1.0 / (1.0 - dropout_p)
-        if dropout_thresh >= TWO_POW_32:
+        if thresh >= TWO_POW_32:
             # keep nothing: uint32 cannot hold the threshold, a zero scale drops it all
-            dropout_thresh, dropout_scale = TWO_POW_32 - 1, 0.0
+            thresh, dropout_scale = TWO_POW_32 - 1, 0.0
 
     # The interpreter's dot multiplies raw bf16 bits: feed it fp32. fp32 inputs get IEEE
     # fp32 dots (TF32 would be ~1e-3 off, far outside the tolerance rule).
-    fp32_dot = triton_interpret_enabled() and q.dtype == torch.bfloat16
+    fp32_dot = interpret_enabled() and q.dtype == torch.bfloat16
     constexprs = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(triton.next_power_of_2(head_dim), MIN_BLOCK),
-        HAS_BAND=has_band,
+        HAS_BAND=params.has_band,
         HAS_SOFTCAP=softcap > 0.0,
         HAS_ALIBI=alibi_slopes is not None,
         MASK_KIND=mask_kind,
@@ -1019,7 +1014,7 @@ def _score_args(q, batch, seqlen_q, seqlen_k, attn_mask, alibi_slopes, seed, cau
         DOT_PRECISION="ieee" if (q.dtype == torch.float32 or fp32_dot) else "tf32",
     )
     return _ScoreArgs(mask, tuple(mask_strides), alibi, tuple(alibi_strides), softmax_scale, qk_scale, softcap_log2,
-                      window_left, window_right, dropout_key, dropout_thresh, dropout_scale, constexprs)
+                      window_left, window_right, key, thresh, dropout_scale, constexprs)
 
 
 def _strides3(t: Tensor, batched: bool = True) -> tuple:
@@ -1036,40 +1031,57 @@ def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _fwd(q, k, v, out, lse, lse_strides, cu_seqlens, batch, seqlen_q, seqlen_k, options, *,
-         seqlens_k=None, num_splits=1, split_keys=NO_SPLIT_KEYS, split_strides=(0, 0)) -> None:
+class _Extents(NamedTuple):
+    """The launch extents of one call: batch and the (padded, for varlen) lengths."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    cu_seqlens: Optional[tuple]  # (cu_seqlens_q, cu_seqlens_k) for varlen, else None
+    lse_strides: tuple  # (batch, head) strides of lse
+
+
+def _extents(q: Tensor, k: Tensor, lse: Tensor, packing: Packing) -> _Extents:
+    if packing.kind == VARLEN:
+        return _Extents(packing.cu_seqlens_q.shape[0] - 1, packing.max_seqlen_q, packing.max_seqlen_k,
+                        (packing.cu_seqlens_q, packing.cu_seqlens_k), (0, lse.stride(0)))
+    return _Extents(q.shape[0], q.shape[1], k.shape[1], None, lse.stride()[:2])
+
+
+def _fwd(q, k, v, out, lse, ext: _Extents, params: AttentionParams, *, seqlens_k=None, num_splits=1,
+         split_keys=NO_SPLIT_KEYS, split_strides=(0, 0)) -> None:
     """Launches the forward on dense (cu_seqlens None) or packed tensors; with seqlens_k
     (B,) only the first seqlens_k[b] keys of row b count; with num_splits > 1 each split
     of split_keys keys writes its own out/lse at split_strides into partial buffers."""
-    varlen = cu_seqlens is not None
+    varlen = ext.cu_seqlens is not None
     num_heads, kv_heads = q.shape[-2], k.shape[-2]
-    sa = _score_args(q, batch, seqlen_q, seqlen_k, *options)
-    cu_q, cu_k = cu_seqlens if varlen else (q, q)
+    sa = _score_args(q, ext.batch, ext.seqlen_q, ext.seqlen_k, params)
+    cu_q, cu_k = ext.cu_seqlens if varlen else (q, q)
 
     def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * num_splits * num_heads * batch,)
+        return (triton.cdiv(ext.seqlen_q, meta["BLOCK_M"]) * num_splits * num_heads * ext.batch,)
 
     _launch(
         _attn_fwd_tuned, grid,
         q, k, v, out, lse, sa.mask, sa.alibi, cu_q, cu_k, q if seqlens_k is None else seqlens_k,
         *_strides3(q, not varlen), *_strides3(k, not varlen), *_strides3(v, not varlen),
-        *_strides3(out, not varlen), *sa.mask_strides, *sa.alibi_strides, *lse_strides, *split_strides,
-        seqlen_q, seqlen_k, num_heads, num_heads // kv_heads,
+        *_strides3(out, not varlen), *sa.mask_strides, *sa.alibi_strides, *ext.lse_strides, *split_strides,
+        ext.seqlen_q, ext.seqlen_k, num_heads, num_heads // kv_heads,
         sa.qk_scale, sa.softcap_log2, sa.window_left, sa.window_right,
         sa.dropout_key, sa.dropout_thresh, sa.dropout_scale,
         num_splits, split_keys,
-        _tune_bucket(seqlen_q), _tune_bucket(seqlen_k),
+        _tune_bucket(ext.seqlen_q), _tune_bucket(ext.seqlen_k),
         IS_VARLEN=varlen, HAS_SEQLENS_K=seqlens_k is not None, **sa.constexprs,
     )
 
 
-def _bwd(dout, q, k, v, out, lse, dq, dk, dv, lse_strides, cu_seqlens, batch, seqlen_q, seqlen_k,
-         options) -> None:
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, ext: _Extents, params: AttentionParams) -> None:
     """Launches the backward (preprocess, dK/dV, dQ) on dense or packed tensors."""
-    varlen = cu_seqlens is not None
+    varlen = ext.cu_seqlens is not None
     num_heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    sa = _score_args(q, batch, seqlen_q, seqlen_k, *options)
-    cu_q, cu_k = cu_seqlens if varlen else (q, q)
+    sa = _score_args(q, ext.batch, ext.seqlen_q, ext.seqlen_k, params)
+    cu_q, cu_k = ext.cu_seqlens if varlen else (q, q)
+    batch, seqlen_q, seqlen_k = ext.batch, ext.seqlen_q, ext.seqlen_k
 
     # delta = rowsum(dO * O) and the LSE in log2 units, in the LSE's layout. A packed
     # (total, H, D) tensor is one sequence of `total` rows for this elementwise pass.
@@ -1082,7 +1094,7 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, lse_strides, cu_seqlens, batch, se
     )
 
     shared = (
-        *sa.mask_strides, *sa.alibi_strides, *lse_strides,
+        *sa.mask_strides, *sa.alibi_strides, *ext.lse_strides,
         seqlen_q, seqlen_k, num_heads, num_heads // kv_heads,
         sa.qk_scale, sa.softcap_log2, sa.softmax_scale, sa.window_left, sa.window_right,
         sa.dropout_key, sa.dropout_thresh, sa.dropout_scale,
@@ -1113,172 +1125,63 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, lse_strides, cu_seqlens, batch, se
     )
 
 
-def _check_bias_grads(mask_grad: bool, alibi_grad: bool) -> None:
-    if mask_grad or alibi_grad:
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, packing: Packing, *,
+                  num_splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Attention forward: ``(out contiguous in q's dtype and layout, lse fp32)``.
+
+    Dense: q ``(B, Sq, H, D)``, k/v ``(B, Sk, Hkv, D)`` (unit last stride, ``H % Hkv ==
+    0``), lse ``(B, H, Sq)``. Varlen (``packing.kind == "varlen"``): q ``(total_q, H, D)``,
+    k/v ``(total_k, Hkv, D)``, lse ``(H, total_q)``; masks, ALiBi and the dropout counter
+    in the padded ``(B, H, max_seqlen_q, max_seqlen_k)`` coordinates. Cache
+    (``"cache"``): k/v are the caches (already appended); row b attends to its first
+    ``seqlens_k[b]`` keys (all when None), later rows are never read; the keys are split
+    across programs when the grid cannot fill the GPU (``num_splits`` None: the
+    heuristic, 1 on CPU) and ``_attn_fwd_combine_kernel`` merges the splits by their LSE.
+    Rows that see no key: out 0, lse -inf.
+    """
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if packing.kind == VARLEN:
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    ext = _extents(q, k, lse, packing)
+    if out.numel() == 0 or ext.batch == 0 or k.shape[0 if packing.kind == VARLEN else 1] == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    if packing.kind != CACHE:
+        _fwd(q, k, v, out, lse, ext, params)
+        return out, lse
+    return _fwd_cache(q, k, v, out, lse, ext, params, packing.seqlens_k, num_splits)
+
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  params: AttentionParams, packing: Packing, grads: BiasGrads) -> tuple:
+    """Attention backward, dense or varlen: ``(dq, dk, dv, None, None)``, contiguous, in
+    the inputs' dtypes; dK/dV summed over the query heads of each kv head. Always
+    deterministic (no atomics), whatever ``params.deterministic`` says. The mask and
+    ALiBi-slope gradients are not implemented (NotImplementedError if asked)."""
+    if grads.mask or grads.alibi:
         raise NotImplementedError(
             "the triton attention backward does not compute attn_mask or alibi_slopes gradients"
         )
-
-
-def attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    seed: int,
-    causal: bool,
-    softmax_scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    dropout_p: float,
-) -> tuple[Tensor, Tensor]:
-    """Attention forward: ``(out (B, Sq, H, D) contiguous in q.dtype, lse fp32 (B, H, Sq))``.
-
-    q ``(B, Sq, H, D)``; k, v ``(B, Sk, Hkv, D)`` (unit last stride, ``H % Hkv == 0``);
-    attn_mask bool or float broadcastable to ``(B, H, Sq, Sk)``; alibi_slopes fp32
-    ``(H,)`` or ``(B, H)``; window ``(left, right)`` with -1 unbounded; dropout with the
-    keep-mask of ``dropout_keep_mask(seed, ...)``. Rows that see no key: out 0, lse -inf.
-    """
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k = k.shape[1]
-    out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or seqlen_k == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    options = (attn_mask, alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p)
-    _fwd(q, k, v, out, lse, lse.stride()[:2], None, batch, seqlen_q, seqlen_k, options)
-    return out, lse
-
-
-def attention_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    attn_mask: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    seed: int,
-    causal: bool,
-    softmax_scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    dropout_p: float,
-    deterministic: bool,
-    mask_grad: bool,
-    alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, None, None]:
-    """Attention backward: ``(dq, dk, dv, None, None)``, contiguous, in the inputs' dtypes.
-
-    Same options as ``attention_fwd`` plus its ``out`` and ``lse``. dK/dV are summed over
-    the query heads of each kv head. Always deterministic (no atomics), whatever
-    ``deterministic`` says. The mask and ALiBi-slope gradients are not implemented.
-    """
-    _check_bias_grads(mask_grad, alibi_grad)
     dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, seqlen_k, kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, seqlen_k, kv_heads, head_dim), dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), None, None
-    lse = lse.contiguous()
-    options = (attn_mask, alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p)
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, lse.stride()[:2], None, batch, seqlen_q, seqlen_k, options)
-    return dq, dk, dv, None, None
-
-
-def attention_varlen_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    attn_mask: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    seed: int,
-    causal: bool,
-    softmax_scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    dropout_p: float,
-) -> tuple[Tensor, Tensor]:
-    """Forward over packed sequences: ``(out (total_q, H, D), lse fp32 (H, total_q))``.
-
-    q ``(total_q, H, D)``, k/v ``(total_k, Hkv, D)``; sequence b is rows
-    ``[cu_seqlens[b], cu_seqlens[b + 1])`` (int32 ``(B + 1,)``), zero-length allowed.
-    attn_mask, ALiBi and the dropout mask live in the padded ``(B, H, max_seqlen_q,
-    max_seqlen_k)`` coordinates, as in ``attention_varlen_ref``. Other options as
-    ``attention_fwd``; causal alignment is per sequence.
-    """
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    total_q, num_heads, head_dim = q.shape
-    batch = cu_seqlens_q.shape[0] - 1
-    out = torch.empty((total_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((num_heads, total_q), dtype=torch.float32, device=q.device)
-    if total_q == 0 or batch == 0 or k.shape[0] == 0:  # no rows, or no key anywhere
-        return out.zero_(), lse.fill_(float("-inf"))
-    options = (attn_mask, alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p)
-    _fwd(q, k, v, out, lse, (0, lse.stride(0)), (cu_seqlens_q, cu_seqlens_k), batch, max_seqlen_q,
-         max_seqlen_k, options)
-    return out, lse
-
-
-def attention_varlen_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    attn_mask: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    seed: int,
-    causal: bool,
-    softmax_scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    dropout_p: float,
-    deterministic: bool,
-    mask_grad: bool,
-    alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, None, None]:
-    """Backward over packed sequences: ``(dq, dk, dv, None, None)`` as ``attention_bwd``."""
-    _check_bias_grads(mask_grad, alibi_grad)
-    dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
-    batch = cu_seqlens_q.shape[0] - 1
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0 or batch == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), None, None
     lse = lse.contiguous()
-    options = (attn_mask, alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p)
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, (0, lse.stride(0)), (cu_seqlens_q, cu_seqlens_k), batch,
-         max_seqlen_q, max_seqlen_k, options)
+    ext = _extents(q, k, lse, packing)
+    if dq.numel() == 0 or dk.numel() == 0 or ext.batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), None, None
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, ext, params)
     return dq, dk, dv, None, None
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     """How many KV splits (FlashAttention-2's heuristic): none when the grid fills the
     GPU, else the fewest whose last wave is nearly as full as the best count's."""
-    if device.type != "cuda" or triton_interpret_enabled():
+    if device.type != "cuda" or interpret_enabled():
         return 1
-    slots = PROGRAMS_PER_SM * _sm_count(device)
+    slots = PROGRAMS_PER_SM * sm_count(device)
     if programs >= FULL_GPU_FRACTION * slots:
         return 1
     max_splits = max(1, min(MAX_KV_SPLITS, slots, key_blocks))
@@ -1296,62 +1199,25 @@ def _num_splits(programs: int, key_blocks: int, device: torch.device) -> int:
     return 1
 
 
-def attention_with_kvcache_fwd(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Optional[Tensor],
-    v: Optional[Tensor],
-    cache_seqlens: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    causal: bool,
-    softmax_scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    num_splits: Optional[int] = None,
-) -> tuple[Tensor, Tensor]:
-    """Decode step: append k/v to the caches in place, then attend with split-KV.
-
-    q ``(B, Sq, H, D)``; caches ``(B, S_cache, Hkv, D)``; k, v ``(B, S_new, Hkv, D)`` or
-    None, written at rows ``[cache_seqlens[b], cache_seqlens[b] + S_new)``; row b then
-    attends to its first ``cache_seqlens[b] + S_new`` keys (the whole cache when
-    cache_seqlens is None), causal/window/ALiBi aligned to that length; later cache rows
-    are never read. ``num_splits`` None picks the split count (1 on CPU). Returns
-    ``(out (B, Sq, H, D), lse fp32 (B, H, Sq))`` as ``attention_with_kvcache_ref``.
-    """
+def _fwd_cache(q, k_all, v_all, out, lse, ext: _Extents, params: AttentionParams,
+               seqlens_k: Optional[Tensor], num_splits: Optional[int]):
+    """The decode step over a KV cache, split-KV when the grid cannot fill the GPU."""
     batch, seqlen_q, num_heads, head_dim = q.shape
-    cache_len = k_cache.shape[1]
-    seqlens_k = None
-    if k is not None:
-        # append: one scatter per cache, in place, no host sync
-        positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
-        rows = torch.arange(batch, device=q.device)[:, None]
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v
-        seqlens_k = (cache_seqlens + k.shape[1]).to(torch.int32)
-    elif cache_seqlens is not None:
-        seqlens_k = cache_seqlens.to(torch.int32)
-    q, k_all, v_all = (_unit_last_stride(t) for t in (q, k_cache, v_cache))
-    out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or cache_len == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    options = (None, alibi_slopes, 0, causal, softmax_scale, window, softcap, 0.0)
+    cache_len = k_all.shape[1]
     if num_splits is None:
         programs = triton.cdiv(seqlen_q, DECODE_BLOCK_M) * num_heads * batch
         num_splits = _num_splits(programs, triton.cdiv(cache_len, SPLIT_ALIGN), q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(cache_len, SPLIT_ALIGN)))
     if num_splits == 1:
-        _fwd(q, k_all, v_all, out, lse, lse.stride()[:2], None, batch, seqlen_q, cache_len, options,
-             seqlens_k=seqlens_k)
+        _fwd(q, k_all, v_all, out, lse, ext, params, seqlens_k=seqlens_k)
         return out, lse
 
     # each split writes its normalised out and lse (fp32), then one pass merges them
     split_keys = triton.cdiv(triton.cdiv(cache_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
     out_partial = torch.empty((num_splits, *out.shape), dtype=torch.float32, device=q.device)
     lse_partial = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=q.device)
-    _fwd(q, k_all, v_all, out_partial[0], lse_partial[0], lse_partial.stride()[1:3], None, batch, seqlen_q,
-         cache_len, options, seqlens_k=seqlens_k, num_splits=num_splits, split_keys=split_keys,
+    _fwd(q, k_all, v_all, out_partial[0], lse_partial[0], ext._replace(lse_strides=lse_partial.stride()[1:3]),
+         params, seqlens_k=seqlens_k, num_splits=num_splits, split_keys=split_keys,
          split_strides=(out_partial.stride(0), lse_partial.stride(0)))
     num_rows = batch * seqlen_q * num_heads
     _attn_fwd_combine_kernel[(triton.cdiv(num_rows, COMBINE_BLOCK_M),)](

@@ -2,8 +2,8 @@
 
 What:
 
-- ``bias_gelu_fwd(x, bias, approximate_tanh) -> y``          ``y = gelu(x + bias)``
-- ``bias_gelu_bwd(dy, x, bias, approximate_tanh) -> (dx, dbias)``
+- ``bias_gelu_fwd(x, bias, approximate) -> y``                ``y = gelu(x + bias)``
+- ``bias_gelu_bwd(dy, x, bias, approximate) -> (dx, dbias)``
 - ``glu_fwd(gate, up, activation) -> y``                      ``y = act(gate) * up``
 - ``glu_bwd(dy, gate, up, activation) -> (dgate, dup)``
 
@@ -49,13 +49,14 @@ Limits:
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fast_attn.triton_kernels._device import sm_count
 
 # Globals a kernel reads must be tl.constexpr instances.
 INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2): erf argument of the exact GELU
@@ -330,17 +331,11 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _program_target(t: Tensor) -> int:
     """Programs one backward launch aims for on ``t``'s device."""
     if not t.is_cuda:
         return PROGRAMS_PER_SM * INTERPRETER_SMS
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return PROGRAMS_PER_SM * _sm_count(index)
+    return PROGRAMS_PER_SM * sm_count(t.device)
 
 
 def _tile(n_cols: int, max_block_m: Optional[int] = None) -> Tuple[int, int]:
@@ -354,17 +349,17 @@ def _elementwise_grid(n_elements: int):
     return (triton.cdiv(n_elements, ELEMENTWISE_BLOCK_SIZE),)
 
 
-def _gelu_activation(approximate_tanh: bool) -> int:
-    return ACT_GELU_TANH if approximate_tanh else ACT_GELU
+def _gelu_activation(approximate: str) -> int:
+    return ACT_GELU_TANH if approximate == "tanh" else ACT_GELU
 
 
-def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate_tanh: bool) -> Tensor:
+def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     """``y = gelu(x + bias)``.
 
     Args:
         x: ``(..., N)``, float16/bfloat16/float32; copied once if not contiguous.
         bias: ``(N,)`` of x's dtype, or None.
-        approximate_tanh: the tanh approximation instead of the exact erf GELU.
+        approximate: "none" (exact erf GELU) or "tanh".
 
     Returns:
         y: x's shape and dtype, contiguous.
@@ -373,7 +368,7 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate_tanh: bool) -> 
     if x.numel() == 0:
         return y
     x = _contiguous(x)
-    activation = _gelu_activation(approximate_tanh)
+    activation = _gelu_activation(approximate)
     with _device_guard(x):
         if bias is None:
             # no column dependence: the flat elementwise kernel, y = act(x)
@@ -408,13 +403,13 @@ def _slabs(n_rows: int, block_m: int, column_blocks: int, program_target: int) -
 
 
 def bias_gelu_bwd(
-    dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate_tanh: bool
+    dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients of ``gelu(x + bias)``: ``(dx, dbias)``, dbias None when bias is None.
 
     Args:
         dy: x's shape (the gradient of y); copied once if not contiguous.
-        x, bias, approximate_tanh: as given to ``bias_gelu_fwd``.
+        x, bias, approximate: as given to ``bias_gelu_fwd``.
 
     Returns:
         dx: x's shape and dtype, contiguous.
@@ -425,7 +420,7 @@ def bias_gelu_bwd(
     if x.numel() == 0:
         return dx, (None if bias is None else torch.zeros_like(bias))
     x, dy = _contiguous(x), _contiguous(dy)
-    activation = _gelu_activation(approximate_tanh)
+    activation = _gelu_activation(approximate)
     with _device_guard(x):
         if bias is None:
             # no dbias: the flat elementwise kernel, dx = dy * act'(x)

@@ -48,13 +48,14 @@ Plain launch functions: no autograd, no input checks (``fast_attn.ops.norm`` doe
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fast_attn.triton_kernels._device import sm_count
 
 # ------------------------------------------------------------------------ schedule knobs
 # No timing was taken yet (no GPU where this was written): the speeds are to be measured on
@@ -466,17 +467,11 @@ def _fused_tile(rows: int, width: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _max_programs(device: torch.device) -> int:
     """Size of a persistent grid: PROGRAMS_PER_SM per SM (a fixed few on the interpreter)."""
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index) * PROGRAMS_PER_SM
+    return sm_count(device) * PROGRAMS_PER_SM
 
 
 def _on_device(t: Tensor):
@@ -596,6 +591,7 @@ def norm_bwd(
     bias: Optional[Tensor],
     mean: Optional[Tensor],
     rstd: Tensor,
+    eps: float = 0.0,  # unused: the saved rstd carries it (the backends' common signature)
     *,
     max_fused_width: int = MAX_FUSED_WIDTH_BWD,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:

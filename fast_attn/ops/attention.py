@@ -7,8 +7,8 @@ Public functions (layout ``(batch, seqlen, heads, head_dim)``, FlashAttention's)
 - ``dropout_mask(...)``: the keep-mask a call with a given ``dropout_seed`` used.
 
 Packed sequences live in ``attention_varlen.py`` and the KV-cache decode step in
-``attention_kvcache.py``; all three keep the conventions below and share their checks
-(``_attention_common.py``).
+``attention_kvcache.py``; all three keep the conventions below and share one core
+(``_attention_core.py``).
 
 Scores are computed in this order (DESIGN.md): ``s = softmax_scale * q.k``; with
 ``softcap > 0``, ``s = softcap * tanh(s / softcap)``; ALiBi adds
@@ -32,8 +32,10 @@ see the same mask and ``dropout_mask(seed, ...)`` recovers it for verification. 
 ``dropout_seed`` is None a seed is drawn from torch's default CPU generator, so
 ``torch.manual_seed`` makes a run reproducible.
 
-Each public function validates its inputs and calls a ``fast_attn::attention*`` custom op
-whose implementation asks ``fast_attn.backends`` which backend runs the call.
+Each public function validates its inputs and calls a ``fast_attn::attention*`` custom op;
+the op builds the call's ``AttentionParams`` and ``Packing`` (attention_params.py) and runs
+the one attention core (``_attention_core.py``), which asks ``fast_attn.backends`` which
+backend runs the call.
 """
 
 from __future__ import annotations
@@ -43,57 +45,13 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fast_attn import backends
-from fast_attn.ops import _attention_common as common
-from fast_attn.ops import _attention_cuda
-from fast_attn.ops._reference_grad import reference_vjp
-from fast_attn.reference.attention import attention_ref, dropout_keep_mask
+from fast_attn import _dropout_hash
+from fast_attn.ops import _attention_core as core
+from fast_attn.ops.attention_params import DENSE_PACKING
 
-# ------------------------------------------------------------------------- dense: ops
+OP = "attention"
 
-
-def _attention_torch(q, k, v, attn_mask, alibi_slopes, seed, causal, softmax_scale,
-                     window, softcap, dropout_p):
-    return attention_ref(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window,
-        alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=attn_mask,
-        dropout_p=dropout_p, dropout_seed=seed,
-    )
-
-
-def _attention_bwd_torch(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed, causal,
-                         softmax_scale, window, softcap, dropout_p, deterministic, mask_grad,
-                         alibi_grad):
-    def fn(q_, k_, v_, mask_, slopes_):
-        return _attention_torch(q_, k_, v_, mask_, slopes_, seed, causal, softmax_scale,
-                                window, softcap, dropout_p)[0]
-
-    return reference_vjp(fn, (q, k, v, attn_mask, alibi_slopes), (dout,),
-                         differentiable=(True, True, True, mask_grad, alibi_grad))
-
-
-# Kernels by backend. A kernel issue adds its "triton"/"cuda" entries here and its
-# CAPABILITIES in fast_attn/backends.py.
-def _attention_triton(q, k, v, attn_mask, alibi_slopes, seed, causal, softmax_scale,
-                      window, softcap, dropout_p):
-    from fast_attn.triton_kernels import attention as triton_attention  # imports triton only when used
-
-    return triton_attention.attention_fwd(q, k, v, attn_mask, alibi_slopes, seed, causal,
-                                          softmax_scale, window, softcap, dropout_p)
-
-
-def _attention_bwd_triton(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed, causal,
-                          softmax_scale, window, softcap, dropout_p, deterministic, mask_grad,
-                          alibi_grad):
-    from fast_attn.triton_kernels import attention as triton_attention
-
-    return triton_attention.attention_bwd(dout, q, k, v, out, lse, attn_mask, alibi_slopes, seed,
-                                          causal, softmax_scale, window, softcap, dropout_p,
-                                          deterministic, mask_grad, alibi_grad)
-
-
-_FWD = {"torch": _attention_torch, "triton": _attention_triton, "cuda": _attention_cuda.attention_fwd}
-_BWD = {"torch": _attention_bwd_torch, "triton": _attention_bwd_triton, "cuda": _attention_cuda.attention_bwd}
+# ------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op("fast_attn::attention_fwd", mutates_args=())
@@ -114,25 +72,14 @@ def attention_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Sq, H, D), lse fp32 (B, H, Sq))."""
-    window = (window_left, window_right)
-    call = common.call_summary("attention", q, k, causal=causal, window=window, alibi_slopes=alibi_slopes,
-                 softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
-                 deterministic=deterministic, backward=False)
-    name = backends.resolve_backend(call, backend)
-    if q.numel() == 0 or k.shape[1] == 0:
-        batch, seqlen_q, heads, _ = q.shape
-        return common.empty_outputs(q, (batch, heads, seqlen_q))
-    out, lse = _FWD[name](q, k, v, attn_mask, alibi_slopes, common.seed_int(dropout_seed, dropout_p),
-                          causal, softmax_scale, window, softcap, dropout_p)
-    return out, lse.float()
+    params = core.params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
+                                     window_left, window_right, softcap, dropout_p, deterministic)
+    return core.fwd(OP, q, k, v, params, DENSE_PACKING, backend)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale, window_left,
-      window_right, softcap, dropout_p, deterministic, backend):
-    batch, seqlen_q, heads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+def _(q, k, v, *args):
+    return core.fwd_fake(q, DENSE_PACKING)
 
 
 @torch.library.custom_op("fast_attn::attention_bwd", mutates_args=())
@@ -159,50 +106,43 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask, dslopes); dk/dv are summed over the query heads that share a
     K/V head; dmask/dslopes are empty unless mask_grad/alibi_grad ask for them."""
-    window = (window_left, window_right)
-    call = common.call_summary("attention", q, k, causal=causal, window=window, alibi_slopes=alibi_slopes,
-                 softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
-                 deterministic=deterministic, backward=True, mask_grad=mask_grad,
-                 alibi_grad=alibi_grad)
-    name = backends.resolve_backend(call, backend)
-    if q.numel() == 0 or k.shape[1] == 0:
-        zeros = tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        return *zeros, *common.bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad)
-    dq, dk, dv, dmask, dslopes = _BWD[name](
-        dout, q, k, v, out, lse, attn_mask, alibi_slopes, common.seed_int(dropout_seed, dropout_p),
-        causal, softmax_scale, window, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
-    )
-    return (*common.contiguous_grads(dq, dk, dv),
-            *common.bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad, (dmask, dslopes)))
+    params = core.params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
+                                     window_left, window_right, softcap, dropout_p, deterministic)
+    grads = core.BiasGrads(mask_grad, alibi_grad)
+    return core.bwd(OP, dout, q, k, v, out, lse, params, DENSE_PACKING, grads, backend)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
-      window_left, window_right, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
-      backend):
-    return common.bwd_fake(q, k, v, attn_mask, alibi_slopes, mask_grad, alibi_grad)
+      window_left, window_right, softcap, dropout_p, deterministic, mask_grad, alibi_grad, backend):
+    params = core.AttentionParams(softmax_scale, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+    return core.bwd_fake(q, k, v, params, core.BiasGrads(mask_grad, alibi_grad))
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, dropout_seed, *options = inputs
-    out, lse = output
-    ctx.options = options
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed)
+_MASK_INDEX = 3  # attn_mask's position among attention_fwd's inputs (alibi_slopes follows)
 
 
-def _attention_backward(ctx, dout, _dlse):
+def _setup(ctx, inputs, output):
+    q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars = inputs
+    ctx.options = core.ScalarOptions(*scalars)
+    grads = core.bias_grads_wanted(ctx.needs_input_grad, _MASK_INDEX, attn_mask)
+    params = core.params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
+    core.refuse_unserved_backward(OP, q, k, params, grads, ctx.options.backend)
+    ctx.grads = grads
+    ctx.save_for_backward(q, k, v, *output, attn_mask, alibi_slopes, dropout_seed)
+
+
+def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed = ctx.saved_tensors
-    *options, backend = ctx.options
-    mask_grad, alibi_grad = common.bias_grad_flags(ctx, attn_mask, 3)
     dq, dk, dv, dmask, dslopes = attention_bwd(
-        dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, *options, mask_grad,
-        alibi_grad, backend,
+        dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed,
+        mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi, **ctx.options._asdict(),
     )
-    return (dq, dk, dv, dmask if mask_grad else None, dslopes if alibi_grad else None, None,
-            *([None] * len(ctx.options)))
+    return (dq, dk, dv, dmask if ctx.grads.mask else None, dslopes if ctx.grads.alibi else None,
+            None, *([None] * len(ctx.options)))
 
 
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 # -------------------------------------------------------------------------- public API
@@ -250,16 +190,16 @@ def attention(
     Returns:
         ``out (B, Sq, H, D)`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
     """
-    common.check_qkv(q, k, v, q_ndim=4, layout="(B, Sk, Hkv, D)")
+    core.check_qkv(q, k, v, q_ndim=4, layout="(B, Sk, Hkv, D)")
     batch, seqlen_q, _, _ = q.shape
-    softmax_scale, window, softcap, dropout_p = common.check_options(
+    softmax_scale, window, softcap, dropout_p = core.check_options(
         q, batch=batch, seqlen_q=seqlen_q, seqlen_k=k.shape[1], causal=causal,
         softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
         softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
         deterministic=deterministic, backend=backend,
     )
     out, lse = attention_fwd(
-        q, k, v, attn_mask, alibi_slopes, common.seed_tensor(dropout_p, dropout_seed), causal,
+        q, k, v, attn_mask, alibi_slopes, core.seed_tensor(dropout_p, dropout_seed), causal,
         softmax_scale, window[0], window[1], softcap, dropout_p, deterministic, backend,
     )
     return (out, lse) if return_lse else out
@@ -280,4 +220,4 @@ def dropout_mask(
     For ``attention_varlen`` pass the padded sizes ``(B, H, max_seqlen_q, max_seqlen_k)``:
     sequence b uses ``mask[b, :, :Sq_b, :Sk_b]``.
     """
-    return dropout_keep_mask(dropout_seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
+    return _dropout_hash.keep_mask(dropout_seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)

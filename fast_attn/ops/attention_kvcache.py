@@ -13,35 +13,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fast_attn import backends
-from fast_attn.ops import _attention_common as common
-from fast_attn.ops import _attention_cuda
+from fast_attn.ops import _attention_core as core
 from fast_attn.ops import _checks
-from fast_attn.reference.attention import attention_with_kvcache_ref
+from fast_attn.ops.attention_params import DENSE_PACKING, AttentionParams
 
-# ---------------------------------------------------------------------- kv-cache: op
-
-
-def _kvcache_torch(q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, causal,
-                   softmax_scale, window, softcap):
-    return attention_with_kvcache_ref(
-        q, k_cache, v_cache, k, v, cache_seqlens, causal=causal,
-        softmax_scale=softmax_scale, window_size=window, alibi_slopes=alibi_slopes,
-        softcap=softcap,
-    )
-
-
-def _kvcache_triton(q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, causal,
-                    softmax_scale, window, softcap):
-    from fast_attn.triton_kernels import attention as triton_attention
-
-    return triton_attention.attention_with_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens,
-                                                       alibi_slopes, causal, softmax_scale, window,
-                                                       softcap)
-
-
-# Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_KVCACHE_FWD = {"torch": _kvcache_torch, "triton": _kvcache_triton, "cuda": _attention_cuda.attention_with_kvcache_fwd}
+# ------------------------------------------------------------------------- custom op
 
 
 @torch.library.custom_op("fast_attn::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -61,23 +37,14 @@ def attention_with_kvcache_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Appends k/v into the caches in place, then (out (B, Sq, H, D), lse (B, H, Sq))."""
-    window = (window_left, window_right)
-    call = common.call_summary("attention_with_kvcache", q, k_cache, causal=causal, window=window,
-                 alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=None, dropout_p=0.0,
-                 deterministic=False, backward=False)
-    name = backends.resolve_backend(call, backend)
-    new_len = 0 if k is None else k.shape[1]
-    _check_cache_seqlens_values(cache_seqlens, k_cache.shape[1], new_len)
-    out, lse = _KVCACHE_FWD[name](q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes,
-                                  causal, softmax_scale, window, softcap)
-    return out, lse.float()
+    params = AttentionParams(softmax_scale, causal=causal, window=(window_left, window_right),
+                             softcap=softcap, alibi_slopes=alibi_slopes)
+    return core.append_and_attend(q, k_cache, v_cache, k, v, cache_seqlens, params, backend)
 
 
 @attention_with_kvcache_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, *args):
-    batch, seqlen_q, heads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return core.fwd_fake(q, DENSE_PACKING)
 
 
 def attention_with_kvcache(
@@ -111,7 +78,7 @@ def attention_with_kvcache(
     Returns:
         ``out (B, Sq, H, D)``, or ``(out, lse)`` with lse fp32 ``(B, H, Sq)``.
     """
-    common.check_qkv(q, k_cache, v_cache, q_ndim=4, layout="(B, S_cache, Hkv, D)")
+    core.check_qkv(q, k_cache, v_cache, q_ndim=4, layout="(B, S_cache, Hkv, D)")
     batch, seqlen_q, _, _ = q.shape
     cache_len = k_cache.shape[1]
     new_len = 0
@@ -127,7 +94,7 @@ def attention_with_kvcache(
         _checks.check_same_device("q", q, k=k, v=v)
         new_len = k.shape[1]
     cache_seqlens = _check_cache_seqlens(q, cache_seqlens, batch, new_len)
-    softmax_scale, window, softcap, _ = common.check_options(
+    softmax_scale, window, softcap, _ = core.check_options(
         q, batch=batch, seqlen_q=seqlen_q, seqlen_k=cache_len, causal=causal,
         softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
         softcap=softcap, attn_mask=None, dropout_p=0.0, dropout_seed=None,
@@ -147,7 +114,7 @@ def attention_with_kvcache(
 
 def _check_cache_seqlens(q, cache_seqlens, batch, new_len) -> Optional[Tensor]:
     """Validates cache_seqlens' type and shape (an int becomes a tensor); the values are
-    checked by ``_check_cache_seqlens_values`` inside the op."""
+    checked by ``_attention_core.check_cache_seqlens_values`` inside the op, before the append."""
     if cache_seqlens is None:
         if new_len:
             raise ValueError("cache_seqlens is required when appending k/v: where do they go?")
@@ -160,16 +127,3 @@ def _check_cache_seqlens(q, cache_seqlens, batch, new_len) -> Optional[Tensor]:
     _checks.check_shape("cache_seqlens", cache_seqlens, (batch,), "(B,)")
     _checks.check_same_device("q", q, cache_seqlens=cache_seqlens)
     return cache_seqlens
-
-
-def _check_cache_seqlens_values(cache_seqlens: Optional[Tensor], cache_len: int, new_len: int) -> None:
-    """Every row's filled length plus the appended keys must fit in the cache (a device
-    sync on CUDA: the alternative is writing past the cache)."""
-    if cache_seqlens is None or cache_seqlens.numel() == 0:
-        return
-    low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if low < 0 or high + new_len > cache_len:
-        raise ValueError(
-            f"cache_seqlens + S_new must lie in [0, {cache_len}] (the cache length); got "
-            f"cache_seqlens in [{low}, {high}] with S_new = {new_len}"
-        )

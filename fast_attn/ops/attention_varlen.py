@@ -14,61 +14,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fast_attn import backends
-from fast_attn.ops import _attention_common as common
-from fast_attn.ops import _attention_cuda
+from fast_attn.ops import _attention_core as core
 from fast_attn.ops import _checks
-from fast_attn.ops._reference_grad import reference_vjp
-from fast_attn.reference.attention import attention_varlen_ref
+from fast_attn.ops.attention_params import VARLEN, Packing
 
-# ----------------------------------------------------------------------- varlen: ops
+OP = "attention_varlen"
+VARLEN_FAKE_PACKING = Packing(VARLEN)  # the fake functions need only the layout
 
-
-def _varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  attn_mask, alibi_slopes, seed, causal, softmax_scale, window, softcap,
-                  dropout_p):
-    return attention_varlen_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-        softmax_scale=softmax_scale, window_size=window, alibi_slopes=alibi_slopes,
-        softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=seed,
-    )
-
-
-def _varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                      max_seqlen_k, attn_mask, alibi_slopes, seed, causal, softmax_scale,
-                      window, softcap, dropout_p, deterministic, mask_grad, alibi_grad):
-    def fn(q_, k_, v_, mask_, slopes_):
-        return _varlen_torch(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, mask_, slopes_, seed, causal, softmax_scale,
-                             window, softcap, dropout_p)[0]
-
-    return reference_vjp(fn, (q, k, v, attn_mask, alibi_slopes), (dout,),
-                         differentiable=(True, True, True, mask_grad, alibi_grad))
-
-
-def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-                   alibi_slopes, seed, causal, softmax_scale, window, softcap, dropout_p):
-    from fast_attn.triton_kernels import attention as triton_attention
-
-    return triton_attention.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 max_seqlen_k, attn_mask, alibi_slopes, seed, causal,
-                                                 softmax_scale, window, softcap, dropout_p)
-
-
-def _varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, attn_mask, alibi_slopes, seed, causal, softmax_scale, window,
-                       softcap, dropout_p, deterministic, mask_grad, alibi_grad):
-    from fast_attn.triton_kernels import attention as triton_attention
-
-    return triton_attention.attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                 max_seqlen_q, max_seqlen_k, attn_mask, alibi_slopes,
-                                                 seed, causal, softmax_scale, window, softcap,
-                                                 dropout_p, deterministic, mask_grad, alibi_grad)
-
-
-# Kernels by backend; a kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_VARLEN_FWD = {"torch": _varlen_torch, "triton": _varlen_triton, "cuda": _attention_cuda.attention_varlen_fwd}
-_VARLEN_BWD = {"torch": _varlen_bwd_torch, "triton": _varlen_bwd_triton, "cuda": _attention_cuda.attention_varlen_bwd}
+# ------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op("fast_attn::attention_varlen_fwd", mutates_args=())
@@ -93,26 +46,16 @@ def attention_varlen_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, D), lse fp32 (H, total_q))."""
-    window = (window_left, window_right)
-    call = common.call_summary("attention_varlen", q, k, causal=causal, window=window,
-                 alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=attn_mask,
-                 dropout_p=dropout_p, deterministic=deterministic, backward=False)
-    name = backends.resolve_backend(call, backend)
-    _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if q.numel() == 0:
-        return common.empty_outputs(q, (q.shape[1], q.shape[0]))
-    out, lse = _VARLEN_FWD[name](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                 max_seqlen_k, attn_mask, alibi_slopes,
-                                 common.seed_int(dropout_seed, dropout_p), causal, softmax_scale,
-                                 window, softcap, dropout_p)
-    return out, lse.float()
+    params = core.params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
+                                     window_left, window_right, softcap, dropout_p, deterministic)
+    packing = Packing(VARLEN, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_cu_seqlens_values(q, k, packing)
+    return core.fwd(OP, q, k, v, params, packing, backend)
 
 
 @attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
-    total_q, heads, _ = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((heads, total_q), dtype=torch.float32)
+def _(q, k, v, *args):
+    return core.fwd_fake(q, VARLEN_FAKE_PACKING)
 
 
 @torch.library.custom_op("fast_attn::attention_varlen_bwd", mutates_args=())
@@ -142,55 +85,50 @@ def attention_varlen_bwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dmask, dslopes), as attention_bwd."""
-    window = (window_left, window_right)
-    call = common.call_summary("attention_varlen", q, k, causal=causal, window=window,
-                 alibi_slopes=alibi_slopes, softcap=softcap, attn_mask=attn_mask,
-                 dropout_p=dropout_p, deterministic=deterministic, backward=True,
-                 mask_grad=mask_grad, alibi_grad=alibi_grad)
-    name = backends.resolve_backend(call, backend)
-    if q.numel() == 0 or k.numel() == 0:
-        zeros = tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        return *zeros, *common.bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad)
-    dq, dk, dv, dmask, dslopes = _VARLEN_BWD[name](
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        attn_mask, alibi_slopes, common.seed_int(dropout_seed, dropout_p), causal, softmax_scale,
-        window, softcap, dropout_p, deterministic, mask_grad, alibi_grad,
-    )
-    return (*common.contiguous_grads(dq, dk, dv),
-            *common.bias_grads(attn_mask, alibi_slopes, mask_grad, alibi_grad, (dmask, dslopes)))
+    params = core.params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
+                                     window_left, window_right, softcap, dropout_p, deterministic)
+    packing = Packing(VARLEN, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    grads = core.BiasGrads(mask_grad, alibi_grad)
+    return core.bwd(OP, dout, q, k, v, out, lse, params, packing, grads, backend)
 
 
 @attention_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale, window_left, window_right,
       softcap, dropout_p, deterministic, mask_grad, alibi_grad, backend):
-    return common.bwd_fake(q, k, v, attn_mask, alibi_slopes, mask_grad, alibi_grad)
+    params = core.AttentionParams(softmax_scale, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+    return core.bwd_fake(q, k, v, params, core.BiasGrads(mask_grad, alibi_grad))
 
 
-def _varlen_setup(ctx, inputs, output):
+_MASK_INDEX = 7  # attn_mask's position among attention_varlen_fwd's inputs (alibi_slopes follows)
+
+
+def _setup(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-     alibi_slopes, dropout_seed, *options) = inputs
-    out, lse = output
+     alibi_slopes, dropout_seed, *scalars) = inputs
+    ctx.options = core.ScalarOptions(*scalars)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
-    ctx.options = options
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, attn_mask,
-                          alibi_slopes, dropout_seed)
+    grads = core.bias_grads_wanted(ctx.needs_input_grad, _MASK_INDEX, attn_mask)
+    params = core.params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
+    core.refuse_unserved_backward(OP, q, k, params, grads, ctx.options.backend)
+    ctx.grads = grads
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes,
+                          dropout_seed)
 
 
-def _varlen_backward(ctx, dout, _dlse):
+def _backward(ctx, dout, _dlse):
     (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes,
      dropout_seed) = ctx.saved_tensors
-    *options, backend = ctx.options
-    mask_grad, alibi_grad = common.bias_grad_flags(ctx, attn_mask, 7)
     dq, dk, dv, dmask, dslopes = attention_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, attn_mask,
-        alibi_slopes, dropout_seed, *options, mask_grad, alibi_grad, backend,
+        alibi_slopes, dropout_seed, mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi,
+        **ctx.options._asdict(),
     )
-    return (dq, dk, dv, None, None, None, None, dmask if mask_grad else None,
-            dslopes if alibi_grad else None, *([None] * (1 + len(ctx.options))))
+    return (dq, dk, dv, None, None, None, None, dmask if ctx.grads.mask else None,
+            dslopes if ctx.grads.alibi else None, None, *([None] * len(ctx.options)))
 
 
-attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+attention_varlen_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def attention_varlen(
@@ -231,9 +169,9 @@ def attention_varlen(
     Returns:
         ``out (total_q, H, D)``, or ``(out, lse)`` with lse fp32 ``(H, total_q)``.
     """
-    common.check_qkv(q, k, v, q_ndim=3, layout="(total_k, Hkv, D)")
+    core.check_qkv(q, k, v, q_ndim=3, layout="(total_k, Hkv, D)")
     batch = _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    softmax_scale, window, softcap, dropout_p = common.check_options(
+    softmax_scale, window, softcap, dropout_p = core.check_options(
         q, batch=batch, seqlen_q=max_seqlen_q, seqlen_k=max_seqlen_k, causal=causal,
         softmax_scale=softmax_scale, window_size=window_size, alibi_slopes=alibi_slopes,
         softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
@@ -241,7 +179,7 @@ def attention_varlen(
     )
     out, lse = attention_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-        alibi_slopes, common.seed_tensor(dropout_p, dropout_seed), causal, softmax_scale,
+        alibi_slopes, core.seed_tensor(dropout_p, dropout_seed), causal, softmax_scale,
         window[0], window[1], softcap, dropout_p, deterministic, backend,
     )
     return (out, lse) if return_lse else out
@@ -271,9 +209,10 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     return cu_seqlens_q.shape[0] - 1
 
 
-def _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+def _check_cu_seqlens_values(q: Tensor, k: Tensor, packing: Packing) -> None:
     """The packing's values; reads the (small) tensors, a device sync on CUDA."""
-    packed = (("q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    packed = (("q", packing.cu_seqlens_q, q.shape[0], packing.max_seqlen_q),
+              ("k", packing.cu_seqlens_k, k.shape[0], packing.max_seqlen_k))
     for suffix, cu, total, longest_allowed in packed:
         name = f"cu_seqlens_{suffix}"
         values = cu.tolist()

@@ -10,8 +10,9 @@ Public functions:
 Outputs have the input's shape and dtype; the maths runs in fp32. The backward recomputes
 the activation from the saved inputs (nothing else is saved) and never writes into them.
 
-Each public function calls a ``fast_attn::<op>_fwd`` custom op whose implementation asks
-``fast_attn.backends`` which backend runs the call; its backward is ``fast_attn::<op>_bwd``.
+Each public function calls a ``fast_attn::<op>_fwd`` custom op whose implementation
+dispatches (``_dispatch.py``) to the chosen backend's ``bias_gelu_fwd`` / ``glu_fwd``; its
+backward is ``fast_attn::<op>_bwd``.
 """
 
 from __future__ import annotations
@@ -23,69 +24,30 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _checks
-from fast_attn.ops._reference_grad import reference_vjp
-from fast_attn.reference.ffn import GELU_APPROXIMATIONS, bias_gelu_ref, geglu_ref, swiglu_ref
+from fast_attn.ops._dispatch import dispatch
 
+GELU_APPROXIMATIONS = ("none", "tanh")
+FAMILY = "ffn"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
 _EMPTY = (0,)
+
+
+def _call(op: str, x: Tensor, *, backward: bool, **flags: bool) -> backends.Call:
+    feats = backends.features(backward=backward, **flags)
+    return backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------- bias_gelu
 
 
-def _cuda_bias_gelu_fwd(x, bias, approximate):
-    from fast_attn._extension import load_extension
-
-    load_extension()
-    x2d = _checks.last_dim_contiguous(x).reshape(-1, x.shape[-1])
-    y = torch.ops.fast_attn.cuda_bias_gelu_fwd(x2d, bias, approximate == "tanh")
-    return y.reshape(x.shape)
-
-
-def _cuda_bias_gelu_bwd(dy, x, bias, approximate):
-    from fast_attn._extension import load_extension
-
-    load_extension()
-    width = x.shape[-1]
-    x2d = _checks.last_dim_contiguous(x).reshape(-1, width)
-    dy2d = _checks.last_dim_contiguous(dy).reshape(-1, width)
-    dx, dbias = torch.ops.fast_attn.cuda_bias_gelu_bwd(dy2d, x2d, bias, approximate == "tanh")
-    return dx.reshape(x.shape), (dbias if bias is not None else None)
-
-
-def _torch_bias_gelu_bwd(dy, x, bias, approximate):
-    return reference_vjp(lambda a, b: bias_gelu_ref(a, b, approximate), (x, bias), (dy,))
-
-
-def _triton_bias_gelu_fwd(x, bias, approximate):
-    from fast_attn.triton_kernels import ffn as triton_ffn
-
-    return triton_ffn.bias_gelu_fwd(x, bias, approximate == "tanh")
-
-
-def _triton_bias_gelu_bwd(dy, x, bias, approximate):
-    from fast_attn.triton_kernels import ffn as triton_ffn
-
-    return triton_ffn.bias_gelu_bwd(dy, x, bias, approximate == "tanh")
-
-
-# Kernels by backend. A kernel issue adds its entries here and its CAPABILITIES in backends.py.
-_BIAS_GELU_FWD = {"torch": bias_gelu_ref, "cuda": _cuda_bias_gelu_fwd, "triton": _triton_bias_gelu_fwd}
-_BIAS_GELU_BWD = {"torch": _torch_bias_gelu_bwd, "cuda": _cuda_bias_gelu_bwd, "triton": _triton_bias_gelu_bwd}
-
-
-def _backend_for(op: str, x: Tensor, backend: str, *, backward: bool, **flags: bool) -> str:
-    """The backend that runs this activation call (torch for empty tensors: nothing to launch)."""
-    if x.numel() == 0:
-        return "torch"
-    call = backends.Call(op, x.device.type, x.dtype, backends.features(backward=backward, **flags))
-    return backends.resolve_backend(call, backend)
-
-
 @torch.library.custom_op("fast_attn::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
-    name = _backend_for("bias_gelu", x, backend, backward=False, bias=bias is not None,
-                        gelu_tanh=approximate == "tanh")
-    return _BIAS_GELU_FWD[name](x, bias, approximate).contiguous()
+    call = _call("bias_gelu", x, backward=False, bias=bias is not None, gelu_tanh=approximate == "tanh")
+    empty = (lambda: _empty_like(x)) if x.numel() == 0 else None
+    return dispatch(call, backend, FAMILY, "bias_gelu_fwd", empty, x, bias, approximate).contiguous()
 
 
 @bias_gelu_fwd.register_fake
@@ -98,9 +60,13 @@ def bias_gelu_bwd(
     dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(dx, dbias); dbias is empty when bias is None."""
-    name = _backend_for("bias_gelu", x, backend, backward=True, bias=bias is not None,
-                        gelu_tanh=approximate == "tanh")
-    dx, dbias = _BIAS_GELU_BWD[name](dy, x, bias, approximate)
+    call = _call("bias_gelu", x, backward=True, bias=bias is not None, gelu_tanh=approximate == "tanh")
+    if x.numel() == 0:
+        def empty():
+            return _empty_like(x), (torch.zeros_like(bias) if bias is not None else None)
+    else:
+        empty = None
+    dx, dbias = dispatch(call, backend, FAMILY, "bias_gelu_bwd", empty, dy, x, bias, approximate)
     return dx.contiguous(), x.new_empty(_EMPTY) if dbias is None else dbias
 
 
@@ -127,62 +93,31 @@ bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_se
 
 # ------------------------------------------------------------------------ swiglu, geglu
 
-
-def _torch_glu_fwd(gate, up, approximate):
-    if approximate is None:
-        return swiglu_ref(gate, up)
-    return geglu_ref(gate, up, approximate)
-
-
-def _torch_glu_bwd(dy, gate, up, approximate):
-    return reference_vjp(lambda g, u: _torch_glu_fwd(g, u, approximate), (gate, up), (dy,))
-
-
-# approximate (None for SwiGLU, "none"/"tanh" for GeGLU) -> the activation name the Triton
-# kernels and the CUDA op take
+# approximate (None for SwiGLU, "none"/"tanh" for GeGLU) -> the backends' activation name
 _GLU_ACTIVATION = {None: "silu", "none": "gelu", "tanh": "gelu_tanh"}
 
 
-def _cuda_glu_fwd(gate, up, approximate):
-    from fast_attn._extension import load_extension
-
-    load_extension()
-    # the op reads (..., N) views with any row strides itself: no reshape, no copy here
-    return torch.ops.fast_attn.cuda_glu_fwd(gate, up, _GLU_ACTIVATION[approximate])
-
-
-def _cuda_glu_bwd(dy, gate, up, approximate):
-    from fast_attn._extension import load_extension
-
-    load_extension()
-    return torch.ops.fast_attn.cuda_glu_bwd(dy, gate, up, _GLU_ACTIVATION[approximate])
+def _glu_fwd(op, gate, up, approximate, backend):
+    call = _call(op, gate, backward=False, gelu_tanh=approximate == "tanh")
+    empty = (lambda: _empty_like(gate)) if gate.numel() == 0 else None
+    y = dispatch(call, backend, FAMILY, "glu_fwd", empty, gate, up, _GLU_ACTIVATION[approximate])
+    return y.contiguous()
 
 
-def _triton_glu_fwd(gate, up, approximate):
-    from fast_attn.triton_kernels import ffn as triton_ffn
-
-    return triton_ffn.glu_fwd(gate, up, _GLU_ACTIVATION[approximate])
-
-
-def _triton_glu_bwd(dy, gate, up, approximate):
-    from fast_attn.triton_kernels import ffn as triton_ffn
-
-    return triton_ffn.glu_bwd(dy, gate, up, _GLU_ACTIVATION[approximate])
-
-
-# Kernels by backend, fn(gate, up, approximate or None for SwiGLU); see _BIAS_GELU_FWD.
-_GLU_FWD = {"torch": _torch_glu_fwd, "cuda": _cuda_glu_fwd, "triton": _triton_glu_fwd}
-_GLU_BWD = {"torch": _torch_glu_bwd, "cuda": _cuda_glu_bwd, "triton": _triton_glu_bwd}
+def _glu_bwd(op, dy, gate, up, approximate, backend):
+    call = _call(op, gate, backward=True, gelu_tanh=approximate == "tanh")
+    empty = (lambda: (_empty_like(gate), _empty_like(up))) if gate.numel() == 0 else None
+    dgate, dup = dispatch(call, backend, FAMILY, "glu_bwd", empty, dy, gate, up, _GLU_ACTIVATION[approximate])
+    return dgate.contiguous(), dup.contiguous()
 
 
 def _glu_fake_like(t):
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return _empty_like(t)
 
 
 @torch.library.custom_op("fast_attn::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate: Tensor, up: Tensor, backend: str) -> Tensor:
-    name = _backend_for("swiglu", gate, backend, backward=False)
-    return _GLU_FWD[name](gate, up, None).contiguous()
+    return _glu_fwd("swiglu", gate, up, None, backend)
 
 
 @swiglu_fwd.register_fake
@@ -192,8 +127,7 @@ def _(gate, up, backend):
 
 @torch.library.custom_op("fast_attn::swiglu_bwd", mutates_args=())
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    name = _backend_for("swiglu", gate, backend, backward=True)
-    return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, None))
+    return _glu_bwd("swiglu", dy, gate, up, None, backend)
 
 
 @swiglu_bwd.register_fake
@@ -203,8 +137,7 @@ def _(dy, gate, up, backend):
 
 @torch.library.custom_op("fast_attn::geglu_fwd", mutates_args=())
 def geglu_fwd(gate: Tensor, up: Tensor, approximate: str, backend: str) -> Tensor:
-    name = _backend_for("geglu", gate, backend, backward=False, gelu_tanh=approximate == "tanh")
-    return _GLU_FWD[name](gate, up, approximate).contiguous()
+    return _glu_fwd("geglu", gate, up, approximate, backend)
 
 
 @geglu_fwd.register_fake
@@ -216,8 +149,7 @@ def _(gate, up, approximate, backend):
 def geglu_bwd(
     dy: Tensor, gate: Tensor, up: Tensor, approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
-    name = _backend_for("geglu", gate, backend, backward=True, gelu_tanh=approximate == "tanh")
-    return tuple(g.contiguous() for g in _GLU_BWD[name](dy, gate, up, approximate))
+    return _glu_bwd("geglu", dy, gate, up, approximate, backend)
 
 
 @geglu_bwd.register_fake
@@ -256,7 +188,7 @@ def _validate_pair(gate, up, backend):
     _checks.check_shape("up", up, gate.shape, "(the shape of gate)")
     _checks.check_same_dtype("gate", gate, up=up)
     _checks.check_same_device("gate", gate, up=up)
-    backends.requested_backend(backend)
+    backends.check_name(backend)
 
 
 def bias_gelu(
@@ -280,7 +212,7 @@ def bias_gelu(
         _checks.check_same_dtype("x", x, bias=bias)
         _checks.check_same_device("x", x, bias=bias)
     _checks.check_choice("approximate", approximate, GELU_APPROXIMATIONS)
-    backends.requested_backend(backend)
+    backends.check_name(backend)
     return bias_gelu_fwd(x, bias, approximate, backend)
 
 

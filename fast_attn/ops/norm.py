@@ -12,8 +12,8 @@ normalise", where ``h`` is the next residual stream. Statistics are fp32 (fp64 f
 Gradients flow to x, residual, weight and bias; the caller's tensors are never written.
 
 Layers: ``fast_attn::{layer,rms}_norm_fwd`` / ``_bwd`` are torch.library custom ops whose
-implementation asks ``fast_attn.backends`` which backend runs the call; the torch backend
-is the reference in ``fast_attn.reference.norm`` (its backward is autograd through it).
+implementation dispatches (``_dispatch.py``) to the chosen backend's ``norm_fwd`` /
+``norm_bwd``; the torch backend runs ATen's native layer/RMS norm.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _checks
-from fast_attn.ops._reference_grad import reference_vjp
-from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref, stats_dtype
+from fast_attn.ops._dispatch import dispatch
 
 _EMPTY = (0,)  # shape of the placeholder returned for an absent optional output
+FAMILY = "norm"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
 
 
 def _call(op: str, x: Tensor, *, weight, bias, residual, backward: bool) -> backends.Call:
@@ -38,65 +38,38 @@ def _call(op: str, x: Tensor, *, weight, bias, residual, backward: bool) -> back
         residual=residual is not None,
         backward=backward,
     )
-    return backends.Call(op, x.device.type, x.dtype, feats)
+    return backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 statistics for fp16/bf16/fp32 inputs, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 # ---------------------------------------------------------------------------- forward
 
 
-def _norm_fwd_torch(op, x, weight, bias, residual, eps):
-    if op == "layer_norm":
-        result = layer_norm_ref(x, weight, bias, eps, residual)
-        mean = result.mean
-    else:
-        result = rms_norm_ref(x, weight, eps, residual)
-        mean = x.new_empty(_EMPTY, dtype=stats_dtype(x.dtype))
-    h = result.h if result.h is not None else x.new_empty(_EMPTY)
-    return result.y, h, mean, result.rstd
-
-
-def _norm_fwd_triton(op, x, weight, bias, residual, eps):
-    from fast_attn.triton_kernels import norm as triton_norm  # imports triton only when used
-
-    y, h, mean, rstd = triton_norm.norm_fwd(op, x, weight, bias, residual, eps)
-    h = x.new_empty(_EMPTY) if h is None else h
-    mean = x.new_empty(_EMPTY, dtype=torch.float32) if mean is None else mean
-    return y, h, mean, rstd
-
-
-def _cuda_ops():
-    """torch.ops.fast_attn with the CUDA extension loaded (built or JIT-built on first use)."""
-    from fast_attn._extension import load_extension
-
-    load_extension()
-    return torch.ops.fast_attn
-
-
-def _norm_fwd_cuda(op, x, weight, bias, residual, eps):
-    # csrc/norm: any row strides, weight/bias of any float dtype; h and mean come back as
-    # empty tensors when absent, as this layer expects.
-    rms = op == "rms_norm"
-    return _cuda_ops().cuda_norm_fwd(x, residual, weight, None if rms else bias, eps, rms)
-
-
-# Forward kernels by backend: fn(op, x, weight, bias, residual, eps) -> (y, h, mean, rstd).
-# A kernel issue adds its "triton"/"cuda" entry here and its CAPABILITIES in backends.py.
-_FWD_KERNELS = {"torch": _norm_fwd_torch, "triton": _norm_fwd_triton, "cuda": _norm_fwd_cuda}
-
-
 def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
     """(y, h or empty, mean or empty, rstd) from the backend chosen for this call."""
     call = _call(op, x, weight=weight, bias=bias, residual=residual, backward=False)
-    name = backends.resolve_backend(call, backend)
-    if x.numel() == 0:
-        name = "torch"  # nothing to launch; the reference returns the empty results
-    y, h, mean, rstd = _FWD_KERNELS[name](op, x, weight, bias, residual, eps)
-    # Outputs are contiguous whatever x's layout: the fake function promises it.
-    return y.contiguous(), h.contiguous(), mean, rstd
+    empty = (lambda: _norm_fwd_fake(op, x, weight, bias, residual, eps)) if x.numel() == 0 else None
+    y, h, mean, rstd = dispatch(call, backend, FAMILY, "norm_fwd", empty, op, x, weight, bias, residual, eps)
+    # Outputs are contiguous whatever x's layout (the fake function promises it), and absent
+    # ones are distinct empty placeholders (a custom op's outputs may not alias each other).
+    return (
+        y.contiguous(),
+        x.new_empty(_EMPTY) if h is None else h.contiguous(),
+        x.new_empty(_EMPTY, dtype=stats_dtype(x.dtype)) if mean is None else mean,
+        rstd,
+    )
 
 
 def _norm_fwd_fake(op, x, weight, bias, residual, eps):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = _rows(x)
     sdtype = stats_dtype(x.dtype)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(_EMPTY)
     mean = x.new_empty((rows,) if op == "layer_norm" else _EMPTY, dtype=sdtype)
@@ -142,44 +115,17 @@ def _(x, weight, residual, eps, backend):
 # --------------------------------------------------------------------------- backward
 
 
-def _norm_bwd_torch(op, dy, dh, inp, weight, bias, mean, rstd, eps):
-    """Autograd through the reference from the normalised input ``inp`` (x or h); the
-    saved statistics are not needed since the reference recomputes them."""
-    if op == "layer_norm":
-        fn = lambda x_, w_, b_: layer_norm_ref(x_, w_, b_, eps).y  # noqa: E731
-    else:
-        fn = lambda x_, w_, b_: rms_norm_ref(x_, w_, eps).y  # noqa: E731
-    dx, dweight, dbias = reference_vjp(fn, (inp, weight, bias), (dy,))
-    return (dx if dh is None else dx + dh), dweight, dbias
-
-
-# Backward kernels by backend: fn(op, dy, dh, inp, weight, bias, mean, rstd, eps)
-# -> (dx including dh, dweight or None, dbias or None).
-def _norm_bwd_triton(op, dy, dh, inp, weight, bias, mean, rstd, eps):
-    from fast_attn.triton_kernels import norm as triton_norm
-
-    return triton_norm.norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd)
-
-
-def _norm_bwd_cuda(op, dy, dh, inp, weight, bias, mean, rstd, eps):
-    rms = op == "rms_norm"
-    mean = rstd.new_empty(_EMPTY) if mean is None else mean  # the schema takes a tensor
-    dx, dweight, dbias = _cuda_ops().cuda_norm_bwd(dy, dh, inp, weight, mean, rstd, rms, bias is not None)
-    if bias is not None and dbias.dtype != bias.dtype:
-        dbias = dbias.to(bias.dtype)  # the kernel writes dbias in the weight's dtype
-    return dx, (dweight if weight is not None else None), (dbias if bias is not None else None)
-
-
-_BWD_KERNELS = {"torch": _norm_bwd_torch, "triton": _norm_bwd_triton, "cuda": _norm_bwd_cuda}
-
-
 def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
     """(dx, dweight or empty, dbias or empty); dx includes dh, the gradient flowing into h."""
     call = _call(op, inp, weight=weight, bias=bias, residual=dh is not None, backward=True)
-    name = backends.resolve_backend(call, backend)
     if inp.numel() == 0:
-        name = "torch"
-    dx, dweight, dbias = _BWD_KERNELS[name](op, dy, dh, inp, weight, bias, mean, rstd, eps)
+        def empty():
+            zeros = (torch.zeros_like(p) if p is not None else None for p in (weight, bias))
+            return (torch.zeros(inp.shape, dtype=inp.dtype, device=inp.device), *zeros)
+    else:
+        empty = None
+    dx, dweight, dbias = dispatch(call, backend, FAMILY, "norm_bwd", empty,
+                                  op, dy, dh, inp, weight, bias, mean, rstd, eps)
     # Separate placeholders: a custom op's outputs may not alias each other.
     return (
         dx.contiguous(),
@@ -300,7 +246,7 @@ def _validate(x, weight, bias, residual, eps, backend):
         _checks.check_same_dtype("x", x, residual=residual)
     _checks.check_same_device("x", x, weight=weight, bias=bias, residual=residual)
     eps = _checks.check_float("eps", eps, low=0.0, high=float("inf"), high_inclusive=False)
-    backends.requested_backend(backend)
+    backends.check_name(backend)
     return eps
 
 

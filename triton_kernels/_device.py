@@ -1,0 +1,31 @@
+"""What the Triton launchers need to know about where they run: the interpreter switch and
+the SM count (one copy for every kernel file).
+
+``interpret_enabled()`` is True when ``TRITON_INTERPRET=1``: the kernels then run on CPU
+tensors through the Triton interpreter, where launchers pin small fixed tiles and grids.
+``sm_count(device)`` is the number of SMs of a CUDA device (cached; no GPU is touched
+before a launcher asks).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpret_enabled() -> bool:
+    """True when TRITON_INTERPRET=1 (read per call: tests switch it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of CUDA device ``device`` (its index, or the current device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_of(index)
