@@ -212,6 +212,55 @@ def refuse_unserved_backward(op: str, q: Tensor, k: Tensor, params: AttentionPar
         backends.resolve_backend(call_summary(op, q, k, params, backward=True, grads=grads), requested)
 
 
+def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> None:
+    """Fake functions and autograd for a pair of attention custom ops with the schemas
+
+        fwd(q, k, v, *packing_args, attn_mask, alibi_slopes, dropout_seed, *ScalarOptions)
+        bwd(dout, q, k, v, out, lse, *packing_args, attn_mask, alibi_slopes, dropout_seed,
+            <ScalarOptions but backend>, mask_grad, alibi_grad, backend)
+
+    where ``packing_args`` (``packing_arity`` of them) describe the ``kind`` of packing."""
+    fake_packing = Packing(kind)
+    bias_at = 3 + packing_arity  # attn_mask's position among the forward's inputs
+
+    @fwd_op.register_fake
+    def _(q, *args):
+        return fwd_fake(q, fake_packing)
+
+    @bwd_op.register_fake
+    def _(dout, q, k, v, out, lse, *args):
+        attn_mask, alibi_slopes = args[packing_arity], args[packing_arity + 1]
+        params = AttentionParams(1.0, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+        return bwd_fake(q, k, v, params, BiasGrads(args[-3], args[-2]))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs[:3]
+        packing_args = inputs[3:bias_at]
+        attn_mask, alibi_slopes, dropout_seed = inputs[bias_at:bias_at + 3]
+        scalars = inputs[bias_at + 3:]
+        ctx.options = ScalarOptions(*scalars)
+        ctx.grads = bias_grads_wanted(ctx.needs_input_grad, bias_at, attn_mask)
+        params = params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
+        refuse_unserved_backward(op, q, k, params, ctx.grads, ctx.options.backend)
+        # tensors go through save_for_backward; plain ints (max_seqlen) stay on ctx
+        ctx.packing_args = [None if isinstance(a, Tensor) else a for a in packing_args]
+        packing_tensors = [a for a in packing_args if isinstance(a, Tensor)]
+        ctx.save_for_backward(q, k, v, *output, attn_mask, alibi_slopes, dropout_seed, *packing_tensors)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, *packing_tensors = ctx.saved_tensors
+        saved = iter(packing_tensors)
+        packing_args = [next(saved) if a is None else a for a in ctx.packing_args]
+        dq, dk, dv, dmask, dslopes = bwd_op(
+            dout, q, k, v, out, lse, *packing_args, attn_mask, alibi_slopes, dropout_seed,
+            mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi, **ctx.options._asdict(),
+        )
+        return (dq, dk, dv, *([None] * packing_arity), dmask if ctx.grads.mask else None,
+                dslopes if ctx.grads.alibi else None, None, *([None] * len(ctx.options)))
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
 # ------------------------------------------------------------------------- validation
 
 

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from fast_attn import _dropout_hash
 from fast_attn.ops import _attention_core as core
-from fast_attn.ops.attention_params import DENSE_PACKING
+from fast_attn.ops.attention_params import DENSE, DENSE_PACKING
 
 OP = "attention"
 
@@ -75,11 +75,6 @@ def attention_fwd(
     params = core.params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
                                      window_left, window_right, softcap, dropout_p, deterministic)
     return core.fwd(OP, q, k, v, params, DENSE_PACKING, backend)
-
-
-@attention_fwd.register_fake
-def _(q, k, v, *args):
-    return core.fwd_fake(q, DENSE_PACKING)
 
 
 @torch.library.custom_op("fast_attn::attention_bwd", mutates_args=())
@@ -112,37 +107,7 @@ def attention_bwd(
     return core.bwd(OP, dout, q, k, v, out, lse, params, DENSE_PACKING, grads, backend)
 
 
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale,
-      window_left, window_right, softcap, dropout_p, deterministic, mask_grad, alibi_grad, backend):
-    params = core.AttentionParams(softmax_scale, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
-    return core.bwd_fake(q, k, v, params, core.BiasGrads(mask_grad, alibi_grad))
-
-
-_MASK_INDEX = 3  # attn_mask's position among attention_fwd's inputs (alibi_slopes follows)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, dropout_seed, *scalars = inputs
-    ctx.options = core.ScalarOptions(*scalars)
-    grads = core.bias_grads_wanted(ctx.needs_input_grad, _MASK_INDEX, attn_mask)
-    params = core.params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
-    core.refuse_unserved_backward(OP, q, k, params, grads, ctx.options.backend)
-    ctx.grads = grads
-    ctx.save_for_backward(q, k, v, *output, attn_mask, alibi_slopes, dropout_seed)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed = ctx.saved_tensors
-    dq, dk, dv, dmask, dslopes = attention_bwd(
-        dout, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed,
-        mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi, **ctx.options._asdict(),
-    )
-    return (dq, dk, dv, dmask if ctx.grads.mask else None, dslopes if ctx.grads.alibi else None,
-            None, *([None] * len(ctx.options)))
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup)
+core.register(attention_fwd, attention_bwd, OP, DENSE, packing_arity=0)
 
 
 # -------------------------------------------------------------------------- public API

@@ -57,10 +57,6 @@ class AttentionParams:
         """Whether positions remove keys (causal or a window)."""
         return self.causal or self.has_window
 
-    @property
-    def mask_is_bool(self) -> bool:
-        return self.attn_mask is not None and self.attn_mask.dtype.is_floating_point is False
-
 
 @dataclass(frozen=True)
 class Packing:
@@ -72,10 +68,6 @@ class Packing:
     max_seqlen_q: int = 0  # varlen: the padded extents
     max_seqlen_k: int = 0
     seqlens_k: Optional[Tensor] = None  # cache: int32 (B,) keys per row after the append
-
-    @property
-    def is_varlen(self) -> bool:
-        return self.kind == VARLEN
 
 
 DENSE_PACKING = Packing()

@@ -19,7 +19,6 @@ from fast_attn.ops import _checks
 from fast_attn.ops.attention_params import VARLEN, Packing
 
 OP = "attention_varlen"
-VARLEN_FAKE_PACKING = Packing(VARLEN)  # the fake functions need only the layout
 
 # ------------------------------------------------------------------------- custom ops
 
@@ -51,11 +50,6 @@ def attention_varlen_fwd(
     packing = Packing(VARLEN, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_cu_seqlens_values(q, k, packing)
     return core.fwd(OP, q, k, v, params, packing, backend)
-
-
-@attention_varlen_fwd.register_fake
-def _(q, k, v, *args):
-    return core.fwd_fake(q, VARLEN_FAKE_PACKING)
 
 
 @torch.library.custom_op("fast_attn::attention_varlen_bwd", mutates_args=())
@@ -92,43 +86,7 @@ def attention_varlen_bwd(
     return core.bwd(OP, dout, q, k, v, out, lse, params, packing, grads, backend)
 
 
-@attention_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      attn_mask, alibi_slopes, dropout_seed, causal, softmax_scale, window_left, window_right,
-      softcap, dropout_p, deterministic, mask_grad, alibi_grad, backend):
-    params = core.AttentionParams(softmax_scale, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
-    return core.bwd_fake(q, k, v, params, core.BiasGrads(mask_grad, alibi_grad))
-
-
-_MASK_INDEX = 7  # attn_mask's position among attention_varlen_fwd's inputs (alibi_slopes follows)
-
-
-def _setup(ctx, inputs, output):
-    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-     alibi_slopes, dropout_seed, *scalars) = inputs
-    ctx.options = core.ScalarOptions(*scalars)
-    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
-    grads = core.bias_grads_wanted(ctx.needs_input_grad, _MASK_INDEX, attn_mask)
-    params = core.params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
-    core.refuse_unserved_backward(OP, q, k, params, grads, ctx.options.backend)
-    ctx.grads = grads
-    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes,
-                          dropout_seed)
-
-
-def _backward(ctx, dout, _dlse):
-    (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes,
-     dropout_seed) = ctx.saved_tensors
-    dq, dk, dv, dmask, dslopes = attention_varlen_bwd(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, attn_mask,
-        alibi_slopes, dropout_seed, mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi,
-        **ctx.options._asdict(),
-    )
-    return (dq, dk, dv, None, None, None, None, dmask if ctx.grads.mask else None,
-            dslopes if ctx.grads.alibi else None, None, *([None] * len(ctx.options)))
-
-
-attention_varlen_fwd.register_autograd(_backward, setup_context=_setup)
+core.register(attention_varlen_fwd, attention_varlen_bwd, OP, VARLEN, packing_arity=4)
 
 
 def attention_varlen(
