@@ -617,7 +617,8 @@ def write_markdown(result: Mapping, path: Path) -> None:
     env = result["env"]
     out = [f"# fast_attn op-layer overhead: {env['gpu'] or 'CPU'}, {env['date'][:10]}", ""]
     out += [f"- {line}" for line in _machine_lines(result)] + [""]
-    out += [f"> **Note.** {note}" for note in result["notes"]] + [""]
+    for note in result["notes"]:
+        out += [f"> **Note.** {note}", ""]
     out += ["Targets (DESIGN.md): a public op costs at most "
             f"{TARGET_OP_VS_TORCH}x its torch counterpart on a tiny input; the op layer on the torch "
             f"backend at most {TARGET_LAYER_VS_FLOOR}x a bare custom op; fast_attn.nn at least "
