@@ -6,6 +6,7 @@
     python -m benchmarks --out DIR               # default benchmarks/results/<date>-<gpu or cpu>/
     python -m benchmarks --compare OLD.json      # run, then print what got faster / slower
     python -m benchmarks --compare OLD.json NEW.json   # compare two runs, run nothing
+    python -m benchmarks overhead [--quick] [--out DIR] # host cost per call; fast_attn.nn vs torch.nn
 
 Without a CUDA GPU it runs what it can (the torch backend and torch's eager peers at
 small sizes), says that GPU figures need a GPU, writes the files and exits 0.
@@ -44,7 +45,9 @@ def _op_names(module) -> tuple:
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="python -m benchmarks overhead [--quick] [--out DIR]: the host cost "
+                                            "per call of each op, and fast_attn.nn vs torch.nn (its own --help)")
     single = sorted({op for m in MODULES.values() for op in _op_names(m)} - set(MODULES))
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing windows")
     parser.add_argument("--ops", default="",
@@ -220,6 +223,10 @@ def run(args) -> tuple[dict, bool]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["overhead"]:  # a subcommand with its own options (benchmarks/bench_overhead.py)
+        from benchmarks import bench_overhead
+
+        return bench_overhead.main(argv[1:])
     args = _parse(argv)
     args.argv = argv
     try:  # read the files to compare before measuring anything: fail early on a bad one

@@ -95,6 +95,18 @@ install() {
 export -f install
 step install "$INSTALL_LIMIT_S" install.log \
   env MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 PY="$PY" bash -c install
+# The versions this session tested (setup.py declares only tested torch versions): at the
+# end of install.log and in the summary.
+versions=$(timeout 120 "$PY" -c '
+import sys, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as exc:
+    tv = f"none ({type(exc).__name__})"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print(f"versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}, "
+      f"python {sys.version.split()[0]}, GPU {gpu}")' 2>&1 | tail -n 1)
+echo "$versions" | tee -a "$OUT/install.log"
 if [ "$mode" = tests ]; then
   step tests "$(left)" tests.log "$PY" -m pytest -m gpu -q -rf
 elif [ "$mode" = sanitize ]; then
@@ -104,6 +116,7 @@ elif [ "$mode" = sanitize ]; then
 fi
 if [ "$mode" = tests ] || [ "$mode" = sanitize ]; then
   echo "== summary ($mode, $((SECONDS)) s of a ${budget_s} s budget)"
+  echo "$versions"
   for i in "${!names[@]}"; do printf '%-12s %-22s %s\n' "${names[$i]}" "${results[$i]}" "${durations[$i]}"; done
   tail -n 3 "$OUT/$mode.log"
   exit "$failed"
@@ -126,6 +139,7 @@ fi
 
 echo
 echo "== summary ($mode, $((SECONDS)) s of a ${budget_s} s budget)"
+echo "$versions"
 printf '%-12s %-22s %s\n' step result seconds
 for i in "${!names[@]}"; do
   printf '%-12s %-22s %s\n' "${names[$i]}" "${results[$i]}" "${durations[$i]}"

@@ -100,6 +100,30 @@ REDUCE_WARPS = 4
 INTERPRETER_PROGRAMS = 4
 
 
+# ------------------------------------------------------------------------- rounding
+
+BF16_ROUND_BIAS = tl.constexpr(0x7FFF)  # fp32 -> bf16 round-to-nearest-even: add this (+1 if odd), drop 16 bits
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr):
+    """fp32 ``v`` rounded once, to nearest even, to ``DTYPE`` (the output's element type).
+
+    ``v.to(tl.bfloat16)`` is ``cvt.rn`` on a GPU, but the Triton interpreter (3.6-3.9)
+    truncates fp32 -> bf16 (even with ``fp_downcast_rounding="rtne"``): a value already
+    rounded to fp32 was then rounded a second time, toward zero, up to one bf16 ulp off
+    (e.g. RMSNorm at width 1, y = 1 - 5e-7 -> 0.99609375 instead of 1.0). So bf16 is
+    rounded here in integer arithmetic; the final conversion is then exact everywhere.
+    NaN passes through unchanged; values past bf16's range round to inf, as cvt.rn does.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += BF16_ROUND_BIAS + ((bits >> 16) & 1)
+        rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        v = tl.where(v != v, v, rounded)
+    return v.to(DTYPE)
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -138,7 +162,7 @@ def _norm_fwd_fused_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
         h += r.to(tl.float32)
-        h_out = h.to(H.dtype.element_ty)
+        h_out = _round_to(h, H.dtype.element_ty)
         tl.store(H + out_offs, h_out, mask=mask)
         h = h_out.to(tl.float32)
 
@@ -159,7 +183,7 @@ def _norm_fwd_fused_kernel(
         y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + out_offs, _round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -192,7 +216,7 @@ def _norm_fwd_wide_kernel(
         h = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             h += tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
-            h_out = h.to(H.dtype.element_ty)
+            h_out = _round_to(h, H.dtype.element_ty)
             tl.store(H + out_off + cols, h_out, mask=mask)
             h = h_out.to(tl.float32)
         if IS_RMS:
@@ -231,7 +255,7 @@ def _norm_fwd_wide_kernel(
             y *= tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + out_off + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + out_off + cols, _round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 # -------------------------------------------------------------------------- backward
@@ -298,7 +322,7 @@ def _norm_bwd_fused_kernel(
         if HAS_DH:
             dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :], mask=mask, other=0.0)
             dx += dh.to(tl.float32)
-        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * N + cols[None, :], _round_to(dx, DX.dtype.element_ty), mask=mask)
 
         # This program's dw/db partial sums, in registers.
         if HAS_WEIGHT:
@@ -409,7 +433,7 @@ def _norm_bwd_wide_kernel(
         if HAS_DH:
             dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :], mask=mask, other=0.0)
             dx += dh.to(tl.float32)
-        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * N + cols[None, :], _round_to(dx, DX.dtype.element_ty), mask=mask)
 
         # This group's dw/db partial sums for the column block, in registers.
         if HAS_WEIGHT:
@@ -446,9 +470,9 @@ def _sum_partials_kernel(
         acc += tl.load(base + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
     total = tl.sum(acc, axis=0)
     if plane == 0:
-        tl.store(OutA + cols, total.to(OutA.dtype.element_ty), mask=col_mask)
+        tl.store(OutA + cols, _round_to(total, OutA.dtype.element_ty), mask=col_mask)
     else:
-        tl.store(OutB + cols, total.to(OutB.dtype.element_ty), mask=col_mask)
+        tl.store(OutB + cols, _round_to(total, OutB.dtype.element_ty), mask=col_mask)
 
 
 # ------------------------------------------------------------------- launch functions

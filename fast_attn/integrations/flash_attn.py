@@ -18,16 +18,23 @@ with ``softcap * tanh(s / softcap)``; ``alibi_slopes`` adds ``-slope * |i + Sk -
 dropout scales kept entries by ``1 / (1 - dropout_p)``; a query row that sees no key
 gets output 0.
 
+``window_size`` may be any pair whose two items are integers (a tuple or list of ints,
+numpy ints, ``torch.Size``, a 2-element integer tensor as in FlashAttention's own tests);
+bools and floats raise ``TypeError``, another length ``ValueError``.
+
 ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)``. As in flash_attn this is
 for testing only; here ``S_dmask`` holds the true attention probabilities
 ``softmax(scores)`` (before dropout and its rescaling), computed by the reference maths
 (``fast_attn.reference.attention``) in a separate pass, with every entry that dropout
 dropped negated (flash_attn's encoding: negative = dropped), so ``S_dmask.abs()`` are the
 probabilities and ``S_dmask >= 0`` (or ``~S_dmask.signbit()`` where a probability is 0)
-is the keep-mask. It carries no gradient, is in q's dtype, and costs a second pass with
-``O(B * H * Sq * Sk)`` memory; the returned ``out`` and ``softmax_lse`` are those of the
-fast call (drawing the dropout seed the same way, so a seeded call gives the same ``out``
-with or without ``return_attn_probs``).
+is the keep-mask. The separate pass takes the probabilities as the gradient of the
+reference's LSE with respect to an additive zero mask (``d lse_i / d mask_ij = P_ij``),
+so every score rule is the reference's own and the memory is ``O(B * H * Sq * Sk)``
+(no ``Sk x Sk`` identity matrix as V). ``S_dmask`` carries no gradient and is in q's
+dtype; the returned ``out`` and ``softmax_lse`` are those of the fast call (drawing the
+dropout seed the same way, so a seeded call gives the same ``out`` with or without
+``return_attn_probs``).
 
 Differences from flash_attn 2.6+ (everything else is meant to match):
 
@@ -60,7 +67,8 @@ Differences from flash_attn 2.6+ (everything else is meant to match):
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import operator
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -87,11 +95,52 @@ _SEED_LIMIT = 2**62  # dropout seeds are drawn in [0, 2**62), as fast_attn.atten
 # ---------------------------------------------------------------------------- helpers
 
 
+def _window_size(window_size: object) -> tuple[int, int]:
+    """flash_attn's ``window_size`` as the pair of Python ints ``fast_attn.attention`` takes.
+
+    FlashAttention only reads ``window_size[0]`` and ``window_size[1]`` (its own tests pass
+    a 2-element int tensor), so anything whose two items ``operator.index`` takes is
+    accepted: a tuple or list of ints, numpy ints, ``torch.Size``, a 1-D integer tensor of
+    two elements (read on the host: a sync for a CUDA tensor). Bools and floats are
+    rejected rather than silently truncated; the range (>= -1) is checked by fast_attn.
+    """
+    expected = "a pair of ints (left, right): a tuple, list or 2-element integer tensor"
+    if isinstance(window_size, Tensor):
+        if (window_size.dim() != 1 or window_size.dtype == torch.bool
+                or window_size.is_floating_point() or window_size.is_complex()):
+            raise TypeError(
+                f"window_size must be {expected}; got a {window_size.dim()}-D "
+                f"{window_size.dtype} tensor"
+            )
+        items = window_size.tolist()
+    elif isinstance(window_size, (str, bytes)):
+        raise TypeError(f"window_size must be {expected}; got {window_size!r}")
+    else:
+        try:
+            items = list(window_size)
+        except TypeError:
+            raise TypeError(f"window_size must be {expected}; got {window_size!r}") from None
+    if len(items) != 2:
+        raise ValueError(f"window_size must have 2 items (left, right); got {len(items)}: {window_size!r}")
+    pair = []
+    for item in items:
+        # operator.index takes True and a bool tensor as 1: a bool here is a caller's bug.
+        if isinstance(item, bool) or (isinstance(item, Tensor) and item.dtype == torch.bool):
+            raise TypeError(f"window_size items must be ints, got a bool in {window_size!r}")
+        try:
+            pair.append(operator.index(item))
+        except TypeError:
+            raise TypeError(
+                f"window_size items must be ints, got {type(item).__name__} {item!r} in {window_size!r}"
+            ) from None
+    return pair[0], pair[1]
+
+
 def _options(softmax_scale, causal, window_size, softcap, alibi_slopes) -> dict:
     """flash_attn's options as fast_attn keyword arguments (validated by fast_attn)."""
     if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap < 0:
         softcap = 0.0  # flash_attn: softcap <= 0 means off; fast_attn takes 0 for off
-    return dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+    return dict(causal=causal, softmax_scale=softmax_scale, window_size=_window_size(window_size),
                 softcap=softcap, alibi_slopes=alibi_slopes)
 
 
@@ -119,31 +168,45 @@ def _unpack(name: str, packed: object, *, ndim: int, dim: int, count: int, layou
     return packed.unbind(dim)
 
 
-def _token_coords(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """For each packed token: (its sequence index, its position in that sequence), int64."""
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths,
-                                  output_size=total)
-    return seq, torch.arange(total, device=cu.device) - cu[seq]
-
-
 # ----------------------------------------------------------------- attention probabilities
 
 
-def _dense_probs(q: Tensor, k: Tensor, options: dict, dropout_p: float, seed) -> Tensor:
-    """S_dmask of a dense call: the probabilities (B, H, Sq, Sk), dropped entries negated.
+def _lse_grad_probs(q: Tensor, mask_shape: tuple, lse_of: Callable[[Tensor], Tensor]) -> Tensor:
+    """The softmax probabilities of a reference call, as the gradient of its LSE.
 
-    Attending to the identity matrix as values gives ``P @ I = P``: the reference
-    computes every score rule (causal, window, softcap, ALiBi) exactly as for ``out``.
+    ``lse_of(mask)`` runs the reference with ``mask`` as its additive ``attn_mask``
+    (added after softcap and ALiBi, before the causal/window masks). Row i's
+    ``lse_i = log sum_j exp(s_ij + mask_ij)``, so ``d lse_i / d mask_ij = softmax(s_i)_j``
+    at ``mask = 0``: masked keys get 0 (their scores are -inf), a fully masked row gets 0
+    (the reference zeroes its LSE's gradient), and one backward of ``sum(lse)`` yields
+    every row at once. The memory is that of the reference's scores,
+    ``O(B * H * Sq * Sk)``; the caller passes a one-column V so nothing is ``O(Sk^2)``.
     """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32  # the reference's
+    # Under inference_mode no graph is recorded: leave it for this private backward.
+    with torch.inference_mode(False), torch.enable_grad():
+        mask = torch.zeros(mask_shape, dtype=compute, device=q.device, requires_grad=True)
+        (probs,) = torch.autograd.grad(lse_of(mask).sum(), mask)
+    return probs.to(q.dtype)
+
+
+def _detached(options: dict) -> dict:
+    alibi = options["alibi_slopes"]
+    return dict(options, alibi_slopes=alibi.detach() if isinstance(alibi, Tensor) else alibi)
+
+
+def _dense_probs(q: Tensor, k: Tensor, options: dict, dropout_p: float, seed) -> Tensor:
+    """S_dmask of a dense call: the probabilities (B, H, Sq, Sk), dropped entries negated."""
     batch, seqlen_q, heads, _ = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    with torch.no_grad():
-        eye = torch.eye(seqlen_k, dtype=q.dtype, device=q.device)  # (Sk, Sk)
-        values = eye.view(1, seqlen_k, 1, seqlen_k).expand(batch, seqlen_k, kv_heads, seqlen_k)
-        rows, _ = attention_ref(q.detach(), k.detach(), values, **options)  # (B, Sq, H, Sk)
-        probs = rows.transpose(1, 2).contiguous()  # (B, H, Sq, Sk)
+    q, k = q.detach(), k.detach()
+    values = k.new_zeros(batch, seqlen_k, kv_heads, 1)  # only the LSE is used
+    options = _detached(options)
+
+    def lse_of(mask: Tensor) -> Tensor:
+        return attention_ref(q, k, values, attn_mask=mask, **options)[1]  # (B, H, Sq)
+
+    probs = _lse_grad_probs(q, (batch, heads, seqlen_q, seqlen_k), lse_of)
     return _encode_dropout(probs, dropout_p, seed)
 
 
@@ -151,21 +214,22 @@ def _varlen_probs(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tens
                   max_seqlen_q: int, max_seqlen_k: int, options: dict, dropout_p: float,
                   seed) -> Tensor:
     """S_dmask of a varlen call, padded: (B, H, max_seqlen_q, max_seqlen_k), sequence b in
-    ``[b, :, :Sq_b, :Sk_b]`` and zeros elsewhere; dropped entries negated."""
+    ``[b, :, :Sq_b, :Sk_b]`` and zeros elsewhere; dropped entries negated.
+
+    The reference reads sequence b's mask from ``attn_mask[b, :, :Sq_b, :Sk_b]``, so the
+    gradient with respect to the padded mask is already this layout (zeros elsewhere).
+    """
     batch = cu_seqlens_q.numel() - 1
-    heads, kv_heads = q.shape[1], k.shape[1]
-    with torch.no_grad():
-        _, pos_k = _token_coords(cu_seqlens_k, k.shape[0])
-        # Key token t of its sequence gets the one-hot value e_t: P @ V = P (see _dense_probs).
-        onehot = pos_k.unsqueeze(1) == torch.arange(max_seqlen_k, device=q.device)  # (total_k, max_k)
-        values = onehot.to(q.dtype).unsqueeze(1).expand(-1, kv_heads, -1)  # (total_k, Hkv, max_k)
-        rows, _ = attention_varlen_ref(q.detach(), k.detach(), values, cu_seqlens_q,
-                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       **options)  # (total_q, H, max_k)
-        seq_q, pos_q = _token_coords(cu_seqlens_q, q.shape[0])
-        padded = rows.new_zeros((batch, max_seqlen_q, heads, max_seqlen_k))
-        padded[seq_q, pos_q] = rows
-        probs = padded.transpose(1, 2).contiguous()  # (B, H, max_q, max_k)
+    heads = q.shape[1]
+    q, k = q.detach(), k.detach()
+    values = k.new_zeros(k.shape[0], k.shape[1], 1)  # only the LSE is used
+    options = _detached(options)
+
+    def lse_of(mask: Tensor) -> Tensor:
+        return attention_varlen_ref(q, k, values, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, attn_mask=mask, **options)[1]  # (H, total_q)
+
+    probs = _lse_grad_probs(q, (batch, heads, max_seqlen_q, max_seqlen_k), lse_of)
     return _encode_dropout(probs, dropout_p, seed)
 
 
@@ -615,7 +679,7 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     with torch.no_grad():  # flash_attn has no backward for this function either
         if rotary_cos is not None or rotary_sin is not None:
-            local = isinstance(window_size, (tuple, list)) and tuple(window_size) != (-1, -1)
+            local = options["window_size"] != (-1, -1)
             q, k = _apply_rotary(q, k, k_cache, rotary_cos, rotary_sin, cache_seqlens,
                                  rotary_interleaved, per_token_q=bool(causal) or local)
         if cache_batch_idx is None:

@@ -7,7 +7,10 @@ ways with ``strict=True``), same initialisation. Only ``forward`` changes: it ca
 ``fast_attn.attention`` / ``layer_norm`` / ``rms_norm`` / ``bias_gelu``, which run on the
 CUDA or Triton kernels on a GPU and on the pure-PyTorch reference elsewhere.
 ``FeedForward`` is the fused MLP block (no torch.nn twin). ``swap_modules(model)`` swaps
-the torch.nn layers of an existing model in place, sharing its parameters.
+the torch.nn layers of an existing model in place, sharing its parameters. Padded
+batches that ``torch.nn.TransformerEncoder`` turns into NestedTensors (eval, no grad,
+``src_key_padding_mask``) reach the swapped layers as ``fast_attn.attention_varlen``
+calls (see ``fast_attn.nn.transformer``).
 
     from fast_attn import nn as fnn
     layer = fnn.TransformerEncoderLayer(512, 8, batch_first=True, norm_first=True)

@@ -44,7 +44,13 @@ Differences from torch.nn:
   both paths; torch gives NaN on its need_weights path (0 on its SDPA path).
 - Dropout draws a different random mask (fast_attn's counter-based one) than torch.
 - Shape and dtype errors raise ``ValueError``/``TypeError`` (torch: ``AssertionError``).
-- NestedTensor inputs are handed to torch.nn's own forward.
+- NestedTensor inputs (strided, ``(B, S_b, E)``, as ``torch.nn.TransformerEncoder``
+  makes them) run as ``fast_attn.attention_varlen`` when torch's fast path would take
+  them: ``batch_first``, no masks (the nesting is the padding), ``need_weights=False``,
+  no ``is_causal``, no bias_k/bias_v/add_zero_attn; the result is a NestedTensor with
+  the query's lengths (see ``fast_attn.nn._nested``). Unlike torch's fast path this
+  also runs in training mode (with attention dropout) and with gradients. Other nested
+  calls (``need_weights=True``, masks, jagged layout) are handed to torch.nn's forward.
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fast_attn.nn._convert import adopt
+from fast_attn.nn._nested import NestedPacking
 from fast_attn.ops.attention import attention
+from fast_attn.ops.attention_varlen import attention_varlen
 
 __all__ = ["MultiheadAttention"]
 
@@ -103,8 +111,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
         if query.is_nested or key.is_nested or value.is_nested:
-            return super().forward(query, key, value, key_padding_mask, need_weights,
-                                   attn_mask, average_attn_weights, is_causal)
+            out = None
+            if key_padding_mask is None and attn_mask is None and not need_weights and not is_causal:
+                out = self._nested_attention(query, key, value)
+            if out is None:  # what the varlen path does not cover: torch's rules (and errors)
+                return super().forward(query, key, value, key_padding_mask, need_weights,
+                                       attn_mask, average_attn_weights, is_causal)
+            return out, None
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_mask_dtype("attn_mask", attn_mask)
@@ -162,6 +175,46 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
     # ------------------------------------------------------------------------ pieces
+
+    def _varlen_ready(self) -> bool:
+        """Whether packed (varlen) inputs can run here: torch's NestedTensor rules
+        (``batch_first``; no bias_k/bias_v or add_zero_attn, which append a key per sequence)."""
+        return (self.batch_first and self.bias_k is None and self.bias_v is None
+                and not self.add_zero_attn)
+
+    def _varlen_attention(self, query: Tensor, key: Tensor, value: Tensor, q_packing: NestedPacking,
+                         kv_packing: NestedPacking) -> Tensor:
+        """Attention over packed tokens: query ``(total_q, E)``, key/value ``(total_k,
+        kdim/vdim)``, sequence b in the rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` of its
+        packing; returns ``(total_q, E)``. Pass the same tensor object for query, key and
+        value (self-attention) to get one in-projection. Needs ``_varlen_ready()``."""
+        q, k, v = (t.squeeze(0) for t in self._project(query, key, value, batched=False))  # (total, H, D)
+        out = attention_varlen(q, k, v, q_packing.cu_seqlens, kv_packing.cu_seqlens,
+                               q_packing.max_seqlen, kv_packing.max_seqlen,
+                               dropout_p=self.dropout if self.training else 0.0)
+        return F.linear(out.flatten(1), self.out_proj.weight, self.out_proj.bias)
+
+    def _nested_attention(self, query: Tensor, key: Tensor, value: Tensor) -> Optional[Tensor]:
+        """NestedTensor (B, S_b, E) inputs by ``attention_varlen``; None where torch's own
+        forward must decide (see ``_varlen_ready``, ``NestedPacking.of``)."""
+        if not (query.is_nested and key.is_nested and value.is_nested) or not self._varlen_ready():
+            return None
+        q_packing = NestedPacking.of(query)
+        k_packing = q_packing if key is query else NestedPacking.of(key)
+        v_packing = k_packing if value is key else NestedPacking.of(value)
+        if q_packing is None or k_packing is None or v_packing is None:
+            return None
+        if not torch.equal(v_packing.host_cu_seqlens, k_packing.host_cu_seqlens):
+            return None  # keys and values of different lengths
+        features = (q_packing.values.shape[-1], k_packing.values.shape[-1], v_packing.values.shape[-1])
+        if features != (self.embed_dim, self.kdim, self.vdim):
+            return None
+        # Keep the identities _project uses to share one in-projection.
+        q = q_packing.values
+        k = q if key is query else k_packing.values
+        v = k if value is key else v_packing.values
+        return q_packing.nested(self._varlen_attention(q, k, v, q_packing, k_packing))
+
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         """Shape checks (torch's rules); returns whether the input is batched."""

@@ -21,8 +21,26 @@ torch.nn.Transformer for the masks). The fused ops used:
 
 A fused step falls back to the plain module calls whenever it could differ: a child with
 hooks or a replaced child class, or operands of different dtypes (autocast).
-NestedTensor inputs (torch.nn.TransformerEncoder's inference fast path) are handed to
-torch.nn's own forward.
+
+Padded batches through ``torch.nn.TransformerEncoder`` (``swap_modules`` keeps it):
+in eval mode, without grad, with a ``src_key_padding_mask`` and
+``enable_nested_tensor=True`` (torch's default; it needs ``batch_first``, post-norm,
+relu/gelu and an even head count), the encoder turns the padded batch into a
+NestedTensor of the real tokens, calls each layer on it and pads the result back with
+zeros. ``TransformerEncoderLayer`` takes that NestedTensor as FlashAttention's varlen
+packing (``fast_attn.nn._nested``): its buffer viewed as ``(total, E)`` tokens (no copy)
+goes through the norms, the feed-forward block and the residuals token by token, and
+self-attention runs as ``fast_attn.attention_varlen`` with ``cu_seqlens`` from the
+nested lengths; the output is a NestedTensor with the same lengths, so the encoder's own
+code (conversion, zero padding, final norm) is unchanged and the result is torch's,
+padded positions (zeros before ``encoder.norm``) included. Intercepting in the layer
+rather than replacing the encoder's forward keeps ``TransformerEncoder`` untouched and
+also serves NestedTensors given to a layer directly. In every other case (training,
+``norm_first``, a mask torch does not drop) the encoder passes the padded batch and the
+padding mask, and the layer runs ``fast_attn.attention`` with that mask. A NestedTensor
+the varlen path does not cover (masks besides it, ``is_causal``, a self_attn with hooks or
+without ``batch_first``, jagged layout) is handed to torch.nn's own forward, as are
+NestedTensors given to ``TransformerDecoderLayer`` (torch has no nested decoder path).
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fast_attn.nn._convert import adopt, plain_forward
+from fast_attn.nn._nested import NestedPacking
 from fast_attn.nn.attention import MultiheadAttention
 from fast_attn.nn.feedforward import linear_gelu
 from fast_attn.nn.norm import LayerNorm
@@ -142,14 +161,35 @@ class TransformerEncoderLayer(_FromTorch, nn.TransformerEncoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         if src.is_nested:
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
-        x = src
+            return self._nested_forward(src, src_mask, src_key_padding_mask, is_causal)
+        return self._encode(src, lambda h: self._sa_block(h, src_mask, src_key_padding_mask, is_causal))
+
+    def _encode(self, x: Tensor, self_attention: Callable[[Tensor], Tensor]) -> Tensor:
+        """The layer's maths on x ``(..., E)``; ``self_attention`` is the dropped-out
+        attention branch (padded batch or packed tokens)."""
         if self.norm_first:
-            attn = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            attn = self_attention(self.norm1(x))
             y, x = _add_norm(self.norm2, attn, x)  # x + attn, and its norm
             return x + self._ff_block(y)
-        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+        x = self.norm1(x + self_attention(x))
         return self.norm2(x + self._ff_block(x))
+
+    def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor],
+                        src_key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """A NestedTensor (TransformerEncoder's padding-free fast path) as packed tokens:
+        every per-token op on ``(total, E)``, self-attention by ``attention_varlen``."""
+        packing = None
+        attn = self.self_attn
+        if (src_mask is None and src_key_padding_mask is None and not is_causal
+                and plain_forward(attn, MultiheadAttention) and attn._varlen_ready()):
+            packing = NestedPacking.of(src)
+        if packing is None or packing.values.shape[-1] != attn.embed_dim:
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+
+        def self_attention(h: Tensor) -> Tensor:  # (total, E) -> (total, E)
+            return self.dropout1(attn._varlen_attention(h, h, h, packing, packing))
+
+        return packing.nested(self._encode(packing.values, self_attention))
 
     def _sa_block(self, x: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   is_causal: bool = False) -> Tensor:

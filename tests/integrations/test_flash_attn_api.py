@@ -9,17 +9,24 @@ inputs follow the DESIGN.md tolerance rule against ``fast_attn.reference``.
 Covered: signature parity with flash_attn 2.6+ (names, order, defaults); packed
 qkv/kv equal the unpacked calls (outputs and gradients); varlen equals per-sequence
 calls; ``return_attn_probs`` (shapes, rows summing to 1, the negative-means-dropped
-encoding and its agreement with the output and gradients); ``flash_attn_with_kvcache``
+encoding and its agreement with the output and gradients, equality with the ``P @ I``
+oracle, memory ``O(B * H * Sq * Sk)`` for a long Sk); ``window_size`` given as any
+integer pair (tensor, numpy, list) in every function, and rejected otherwise;
+``flash_attn_with_kvcache``
 (in-place append, rotary interleaved and not, the query-position rule, cache_batch_idx,
 LSE); the arguments that raise NotImplementedError.
 """
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import fast_attn
 from fast_attn.integrations.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -29,7 +36,7 @@ from fast_attn.integrations.flash_attn import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from fast_attn.reference.attention import attention_ref
+from fast_attn.reference.attention import attention_ref, attention_varlen_ref
 from fast_attn.testing import GRAD_FACTOR, assert_close
 
 FP64_TOL = dict(rtol=1e-10, atol=1e-10)
@@ -390,6 +397,209 @@ def test_varlen_attn_probs_encode_dropout():
         torch.testing.assert_close(block.abs(), probs, **FP64_TOL)
         kept = probs * ~block.signbit() / (1 - p)
         torch.testing.assert_close(out[rows], torch.einsum("hqk,khd->qhd", kept, v[rows]), **FP64_TOL)
+
+
+# ------------------------------------------------------- attention probabilities
+
+
+def identity_probs(q, k, dropout_p=0.0, seed=None, **options):
+    """S_dmask as it was first computed: the reference attending to the identity matrix as
+    V (``P @ I = P``), ``(B, H, Sq, Sk)`` with dropped entries negated. O(Sk^2) memory:
+    small shapes only."""
+    batch, seqlen_k, kv_heads = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(seqlen_k, dtype=q.dtype).view(1, seqlen_k, 1, seqlen_k)
+    rows, _ = attention_ref(q, k, eye.expand(batch, seqlen_k, kv_heads, seqlen_k), **options)
+    probs = rows.transpose(1, 2)  # (B, H, Sq, Sk)
+    if dropout_p == 0.0:
+        return probs
+    keep = fast_attn.dropout_mask(seed, *probs.shape, dropout_p)
+    return torch.where(keep, probs, -probs)
+
+
+PROBS_CASES = {
+    "plain": dict(),
+    "causal_gqa": dict(causal=True, kv_heads=1),
+    "window_softcap": dict(window_size=(3, 1), softcap=2.0),
+    "alibi_causal": dict(causal=True, alibi=True),
+    "dropout": dict(causal=True, dropout_p=0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(7, 13), (13, 7)])
+@pytest.mark.parametrize("case", PROBS_CASES)
+def test_attn_probs_equal_identity_oracle(case, seqlen_q, seqlen_k, dtype):
+    """S_dmask (from the LSE's gradient) equals the P @ I computation, masks, softcap,
+    ALiBi, GQA, fully masked rows (Sq > Sk, causal) and the dropout signs included."""
+    spec = dict(PROBS_CASES[case])
+    kv_heads, alibi = spec.pop("kv_heads", 2), spec.pop("alibi", False)
+    dropout_p = spec.pop("dropout_p", 0.0)
+    if alibi:
+        spec["alibi_slopes"] = torch.rand(2, 4)  # (B, H), fp32 as flash_attn requires
+    q = rand(2, seqlen_q, 4, 8, dtype=dtype)
+    k, v = rand(2, seqlen_k, kv_heads, 8, dtype=dtype), rand(2, seqlen_k, kv_heads, 8, dtype=dtype)
+    torch.manual_seed(5)
+    _, _, s_dmask = flash_attn_func(q, k, v, dropout_p=dropout_p, return_attn_probs=True, **spec)
+    seed = None
+    if dropout_p:
+        torch.manual_seed(5)  # the seed the call drew
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    expected = identity_probs(q, k, dropout_p, seed, **spec)
+    # exp(s - lse) vs softmax(s): the same value to a rounding of the compute dtype.
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(s_dmask, expected, rtol=tol, atol=tol)
+    assert torch.equal(s_dmask.signbit(), expected.signbit())
+    assert not s_dmask.requires_grad
+
+
+def test_varlen_attn_probs_equal_identity_oracle():
+    lengths_q, lengths_k = [5, 0, 9, 3], [7, 4, 2, 3]
+    cu_q, cu_k = cumulative(lengths_q), cumulative(lengths_k)
+    q, k = rand(17, 4, 8), rand(16, 2, 8)
+    options = dict(causal=True, softcap=3.0, window_size=(4, 0))
+    _, _, s_dmask = flash_attn_varlen_func(q, k, k, cu_q, cu_k, 9, 7, return_attn_probs=True,
+                                           **options)
+    assert s_dmask.shape == (4, 4, 9, 7)
+    expected = torch.zeros_like(s_dmask)
+    for b, (sq, sk) in enumerate(zip(lengths_q, lengths_k)):
+        q_b, k_b = q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b + 1]]
+        expected[b, :, :sq, :sk] = identity_probs(q_b[None], k_b[None], **options)[0]
+    torch.testing.assert_close(s_dmask, expected, **FP64_TOL)
+
+
+def test_attn_probs_under_inference_mode_and_grad():
+    q, k, v = rand(1, 6, 2, 8), rand(1, 9, 2, 8), rand(1, 9, 2, 8)
+    _, _, expected = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    with torch.inference_mode():
+        _, _, probs = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=0)
+    ins = leaves(q, k, v)
+    out, _, probs = flash_attn_func(*ins, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=0)
+    assert not probs.requires_grad and out.requires_grad
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op creates (backward ops included:
+    the autograd engine carries the mode), whatever allocator or device holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("api", ["dense", "varlen"])
+def test_attn_probs_memory_is_linear_in_sk(api):
+    """A long Sk with one query: no tensor beyond the O(B * H * Sq * Sk) probabilities and
+    the O(B * H * Sk * D) copy of K the reference makes; the identity-matrix V was
+    (B, H, Sk, Sk), 256x larger here."""
+    batch, heads, head_dim, seqlen_k = 1, 4, 8, 2048
+    q, k = rand(batch, 1, heads, head_dim, dtype=torch.float32), rand(batch, seqlen_k, heads, head_dim, dtype=torch.float32)
+    with LargestTensor() as mode:
+        if api == "dense":
+            _, _, probs = flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
+        else:
+            cu_q, cu_k = cumulative([1]), cumulative([seqlen_k])
+            _, _, probs = flash_attn_varlen_func(q[0], k[0], k[0], cu_q, cu_k, 1, seqlen_k,
+                                                 causal=True, return_attn_probs=True)
+    assert probs.shape == (batch, heads, 1, seqlen_k)
+    bound = batch * heads * seqlen_k * max(1, head_dim)
+    assert mode.largest <= bound < heads * seqlen_k * seqlen_k // 64, mode.largest
+
+
+# ---------------------------------------------------------------------- window_size
+
+WINDOW_FORMS = {
+    "tuple": (5, 2),
+    "list": [5, 2],
+    "int64_tensor": torch.tensor([5, 2]),
+    "int32_tensor": torch.tensor([5, 2], dtype=torch.int32),
+    "numpy_ints": (np.int64(5), np.int32(2)),
+    "numpy_array": np.array([5, 2]),
+    "torch_size": torch.Size([5, 2]),
+}
+
+
+def _window_calls(window_size):
+    """Every flash_attn function that takes window_size, called with it (same inputs)."""
+    torch.manual_seed(11)
+    q, kv = rand(2, 9, 4, 8), rand(2, 9, 2, 2, 8)
+    qkv = torch.stack((q, q.flip(1), q.roll(1, 1)), dim=2)
+    cu = cumulative([9, 9])
+    flat = dict(q=q.flatten(0, 1), kv=kv.flatten(0, 1), qkv=qkv.flatten(0, 1))
+    k_cache, v_cache = rand(2, 12, 2, 8), rand(2, 12, 2, 8)
+    seqlens = torch.tensor([9, 3], dtype=torch.int32)
+    w = dict(window_size=window_size)
+    return {
+        "func": flash_attn_func(q, *kv.unbind(2), **w),
+        "qkvpacked": flash_attn_qkvpacked_func(qkv, **w),
+        "kvpacked": flash_attn_kvpacked_func(q, kv, **w),
+        "varlen": flash_attn_varlen_func(flat["q"], *flat["kv"].unbind(1), cu, cu, 9, 9, **w),
+        "varlen_qkvpacked": flash_attn_varlen_qkvpacked_func(flat["qkv"], cu, 9, **w),
+        "varlen_kvpacked": flash_attn_varlen_kvpacked_func(flat["q"], flat["kv"], cu, cu, 9, 9, **w),
+        "with_kvcache": flash_attn_with_kvcache(q[:, :2], k_cache, v_cache, cache_seqlens=seqlens, **w),
+    }
+
+
+@pytest.mark.parametrize("form", WINDOW_FORMS)
+def test_window_size_accepts_any_integer_pair(form):
+    """FlashAttention's own tests pass window_size as a 2-element int tensor: every
+    function takes it (and numpy ints, lists, torch.Size) as the tuple."""
+    expected = _window_calls((5, 2))
+    got = _window_calls(WINDOW_FORMS[form])
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    # The window did act: a full window gives another result.
+    assert not torch.equal(_window_calls((-1, -1))["func"], expected["func"])
+
+
+def test_window_size_tensor_with_kvcache_rotary_is_local():
+    """flash_attn_with_kvcache rotates every query at its own position when the window is
+    local: a tensor window must count as local exactly like the tuple."""
+    q, k_cache, v_cache = rand(1, 3, 2, 8), rand(1, 10, 2, 8), rand(1, 10, 2, 8)
+    k_new, v_new = rand(1, 3, 2, 8), rand(1, 3, 2, 8)
+    _, cos, sin = rotary_tables(10, 8)
+    seqlens = torch.tensor([4], dtype=torch.int32)
+    outs = []
+    for window in ((2, 0), torch.tensor([2, 0])):
+        outs.append(flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k_new, v_new, cos, sin,
+                                            cache_seqlens=seqlens, window_size=window))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad,error", [
+    ((True, 1), TypeError),
+    ((2.0, 1), TypeError),
+    (torch.tensor([2.0, 1.0]), TypeError),
+    (torch.tensor([True, False]), TypeError),
+    (torch.tensor([[2, 1]]), TypeError),
+    ((torch.tensor(True), 1), TypeError),
+    (np.array([2.0, 1.0]), TypeError),
+    (3, TypeError),
+    ("ab", TypeError),
+    ((1, 2, 3), ValueError),
+    (torch.tensor([2, 1, 0]), ValueError),
+    ((-2, 0), ValueError),
+], ids=lambda x: repr(x) if not isinstance(x, type) else x.__name__)
+def test_window_size_rejects_non_integer_pairs(bad, error):
+    q, k = rand(1, 4, 2, 8), rand(1, 4, 2, 8)
+    cu = cumulative([4])
+    calls = [
+        lambda: flash_attn_func(q, k, k, window_size=bad),
+        lambda: flash_attn_varlen_func(q[0], k[0], k[0], cu, cu, 4, 4, window_size=bad),
+        lambda: flash_attn_with_kvcache(q, k, k, window_size=bad),
+    ]
+    for call in calls:
+        with pytest.raises(error, match="window_size"):
+            call()
 
 
 # ------------------------------------------------------------------------ KV cache

@@ -114,23 +114,35 @@ def test_swap_preserves_training_mode_and_device_dtype():
 
 def test_swap_eval_nested_tensor_path(monkeypatch):
     """batch_first encoder in eval + no_grad with padding: torch.nn.TransformerEncoder
-    hands the layers NestedTensors; the swapped layers pass them to torch's forward."""
+    hands the layers NestedTensors; the swapped layers run them as varlen attention
+    (fast_attn.attention_varlen, not torch's forward) and give torch's result."""
     model = _transformer(batch_first=True).eval()
     reference = copy.deepcopy(model)
     swap_modules(model)
     assert model.encoder.use_nested_tensor
-    nested_calls = []
-    torch_forward = nn.TransformerEncoderLayer.forward
+    nested_inputs, torch_calls, varlen_calls = [], [], []
+    fast_forward = fnn.TransformerEncoderLayer.forward
 
     def spy(self, src, *args, **kwargs):
-        nested_calls.append(src.is_nested)
-        return torch_forward(self, src, *args, **kwargs)
+        nested_inputs.append(src.is_nested)
+        return fast_forward(self, src, *args, **kwargs)
 
-    monkeypatch.setattr(nn.TransformerEncoderLayer, "forward", spy)
+    def count(name, calls):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original[name](*args, **kwargs)
+        return wrapper
+
+    import fast_attn.nn.attention as fnn_attention
+    original = {"torch": nn.TransformerEncoderLayer.forward, "varlen": fnn_attention.attention_varlen}
+    monkeypatch.setattr(fnn.TransformerEncoderLayer, "forward", spy)
+    monkeypatch.setattr(nn.TransformerEncoderLayer, "forward", count("torch", torch_calls))
+    monkeypatch.setattr(fnn_attention, "attention_varlen", count("varlen", varlen_calls))
     inputs = _transformer_inputs(batch_first=True)
     with torch.no_grad():
         out = model(**inputs)
-    assert nested_calls == [True, True]
+    assert nested_inputs == [True, True]
+    assert torch_calls == [] and varlen_calls == ["varlen", "varlen"]
     monkeypatch.undo()
     with torch.no_grad():
         torch.testing.assert_close(out, reference(**inputs))
