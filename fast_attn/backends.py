@@ -177,9 +177,22 @@ class BackendStatus(NamedTuple):
         return self.available
 
 
+# os.environ.get costs ~2 us (Mapping.get, key encoding, value decoding) and the request
+# is read on every op call: read CPython's underlying bytes dict directly where it exists.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_ENCODE = getattr(os.environ, "encodekey", None)
+
+
+def _getenv(name: str) -> Optional[str]:
+    if _ENV_DATA is None or _ENV_ENCODE is None:
+        return os.environ.get(name)
+    raw = _ENV_DATA.get(_ENV_ENCODE(name))
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def triton_interpret_enabled() -> bool:
     """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return (_getenv("TRITON_INTERPRET") or "0") != "0"
 
 
 def _torch_status() -> BackendStatus:
@@ -307,7 +320,7 @@ def requested_backend(per_call: str = AUTO) -> str:
     block = _requested.get()
     if block is not None and block != AUTO:
         return block
-    env = os.environ.get(ENV_BACKEND) or AUTO
+    env = _getenv(ENV_BACKEND) or AUTO
     if env not in BACKENDS and env != AUTO:
         raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS + (AUTO,)}, got {env!r}")
     return env
@@ -338,7 +351,7 @@ def cuda_attention_arch() -> int:
     block = _cuda_arch_requested.get()
     if block is not None:
         return CUDA_ATTENTION_ARCHS[block]
-    raw = os.environ.get(ENV_CUDA_ATTENTION_ARCH, "auto").strip().lower() or "auto"
+    raw = (_getenv(ENV_CUDA_ATTENTION_ARCH) or "auto").strip().lower() or "auto"
     if raw not in CUDA_ATTENTION_ARCHS:
         raise ValueError(
             f"{ENV_CUDA_ATTENTION_ARCH}={raw!r} is not understood: expected one of {sorted(CUDA_ATTENTION_ARCHS)}"

@@ -19,6 +19,7 @@ from torch import Tensor
 from fast_attn import backends
 from fast_attn.ops import _checks
 from fast_attn.ops._dispatch import choose, dispatch, kernel
+from fast_attn.ops._eager import EagerOp
 from fast_attn.ops.attention_params import (
     CACHE,
     DENSE_PACKING,
@@ -47,9 +48,23 @@ def params_from_schema(attn_mask, alibi_slopes, dropout_seed, causal, softmax_sc
     )
 
 
+_CALLS: dict = {}  # call summaries by their inputs: a few dozen per process, built once each
+
+
 def call_summary(op: str, q: Tensor, k: Tensor, params: AttentionParams, *, backward: bool = False,
                  grads: BiasGrads = BiasGrads()) -> backends.Call:
-    """What the backend choice needs to know about this call."""
+    """What the backend choice needs to know about this call (memoized)."""
+    mask = params.attn_mask
+    key = (op, q.device, q.dtype, q.shape[-1], k.shape[-2] != q.shape[-2], params.causal,
+           params.window, params.softcap > 0, None if mask is None else mask.dtype,
+           params.alibi_slopes is None, params.dropout_p > 0, params.deterministic, backward, grads)
+    call = _CALLS.get(key)
+    if call is None:
+        call = _CALLS[key] = _summarise(op, q, k, params, backward, grads)
+    return call
+
+
+def _summarise(op, q, k, params, backward, grads) -> backends.Call:
     mask = params.attn_mask
     feats = backends.features(
         causal=params.causal,
@@ -212,14 +227,15 @@ def refuse_unserved_backward(op: str, q: Tensor, k: Tensor, params: AttentionPar
         backends.resolve_backend(call_summary(op, q, k, params, backward=True, grads=grads), requested)
 
 
-def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> None:
+def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> tuple[EagerOp, EagerOp]:
     """Fake functions and autograd for a pair of attention custom ops with the schemas
 
         fwd(q, k, v, *packing_args, attn_mask, alibi_slopes, dropout_seed, *ScalarOptions)
         bwd(dout, q, k, v, out, lse, *packing_args, attn_mask, alibi_slopes, dropout_seed,
             <ScalarOptions but backend>, mask_grad, alibi_grad, backend)
 
-    where ``packing_args`` (``packing_arity`` of them) describe the ``kind`` of packing."""
+    where ``packing_args`` (``packing_arity`` of them) describe the ``kind`` of packing.
+    Returns the two ops as ``EagerOp`` (``_eager.py``): what the public function calls."""
     fake_packing = Packing(kind)
     bias_at = 3 + packing_arity  # attn_mask's position among the forward's inputs
 
@@ -251,7 +267,7 @@ def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> None:
         q, k, v, out, lse, attn_mask, alibi_slopes, dropout_seed, *packing_tensors = ctx.saved_tensors
         saved = iter(packing_tensors)
         packing_args = [next(saved) if a is None else a for a in ctx.packing_args]
-        dq, dk, dv, dmask, dslopes = bwd_op(
+        dq, dk, dv, dmask, dslopes = eager_bwd(
             dout, q, k, v, out, lse, *packing_args, attn_mask, alibi_slopes, dropout_seed,
             mask_grad=ctx.grads.mask, alibi_grad=ctx.grads.alibi, **ctx.options._asdict(),
         )
@@ -259,6 +275,8 @@ def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> None:
                 dslopes if ctx.grads.alibi else None, None, *([None] * len(ctx.options)))
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+    eager_bwd = EagerOp(bwd_op, bwd_op._init_fn)
+    return EagerOp(fwd_op, fwd_op._init_fn, setup_context, backward), eager_bwd
 
 
 # ------------------------------------------------------------------------- validation

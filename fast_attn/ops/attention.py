@@ -107,7 +107,7 @@ def attention_bwd(
     return core.bwd(OP, dout, q, k, v, out, lse, params, DENSE_PACKING, grads, backend)
 
 
-core.register(attention_fwd, attention_bwd, OP, DENSE, packing_arity=0)
+_eager_fwd, _ = core.register(attention_fwd, attention_bwd, OP, DENSE, packing_arity=0)
 
 
 # -------------------------------------------------------------------------- public API
@@ -163,7 +163,7 @@ def attention(
         softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
         deterministic=deterministic, backend=backend,
     )
-    out, lse = attention_fwd(
+    out, lse = _eager_fwd(
         q, k, v, attn_mask, alibi_slopes, core.seed_tensor(dropout_p, dropout_seed), causal,
         softmax_scale, window[0], window[1], softcap, dropout_p, deterministic, backend,
     )

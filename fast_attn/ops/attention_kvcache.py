@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fast_attn.ops import _attention_core as core
 from fast_attn.ops import _checks
+from fast_attn.ops._eager import EagerOp
 from fast_attn.ops.attention_params import DENSE_PACKING, AttentionParams
 
 # ------------------------------------------------------------------------- custom op
@@ -45,6 +46,9 @@ def attention_with_kvcache_op(
 @attention_with_kvcache_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, *args):
     return core.fwd_fake(q, DENSE_PACKING)
+
+
+_eager_op = EagerOp(attention_with_kvcache_op, attention_with_kvcache_op._init_fn)
 
 
 def attention_with_kvcache(
@@ -105,7 +109,7 @@ def attention_with_kvcache(
             "attention_with_kvcache is forward only: call it under torch.no_grad() or "
             "with tensors that do not require grad (use attention() to train)"
         )
-    out, lse = attention_with_kvcache_op(
+    out, lse = _eager_op(
         q, k_cache, v_cache, k, v, cache_seqlens, alibi_slopes, causal, softmax_scale,
         window[0], window[1], softcap, backend,
     )

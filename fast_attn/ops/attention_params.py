@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 DENSE, VARLEN, CACHE = "dense", "varlen", "cache"
@@ -56,6 +57,10 @@ class AttentionParams:
     def has_band(self) -> bool:
         """Whether positions remove keys (causal or a window)."""
         return self.causal or self.has_window
+
+    @property
+    def mask_is_bool(self) -> bool:
+        return self.attn_mask is not None and self.attn_mask.dtype == torch.bool
 
 
 @dataclass(frozen=True)

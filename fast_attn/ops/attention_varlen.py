@@ -86,7 +86,7 @@ def attention_varlen_bwd(
     return core.bwd(OP, dout, q, k, v, out, lse, params, packing, grads, backend)
 
 
-core.register(attention_varlen_fwd, attention_varlen_bwd, OP, VARLEN, packing_arity=4)
+_eager_fwd, _ = core.register(attention_varlen_fwd, attention_varlen_bwd, OP, VARLEN, packing_arity=4)
 
 
 def attention_varlen(
@@ -135,7 +135,7 @@ def attention_varlen(
         softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed,
         deterministic=deterministic, backend=backend,
     )
-    out, lse = attention_varlen_fwd(
+    out, lse = _eager_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
         alibi_slopes, core.seed_tensor(dropout_p, dropout_seed), causal, softmax_scale,
         window[0], window[1], softcap, dropout_p, deterministic, backend,

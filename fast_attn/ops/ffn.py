@@ -25,6 +25,7 @@ from torch import Tensor
 from fast_attn import backends
 from fast_attn.ops import _checks
 from fast_attn.ops._dispatch import dispatch
+from fast_attn.ops._eager import EagerOp
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 FAMILY = "ffn"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
@@ -84,7 +85,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, dbias = bias_gelu_bwd(dy, x, bias, ctx.approximate, ctx.backend)
+    dx, dbias = _eager_bias_gelu_bwd(dy, x, bias, ctx.approximate, ctx.backend)
     return dx, (dbias if bias is not None else None), None, None
 
 
@@ -165,18 +166,26 @@ def _glu_setup(ctx, inputs, output):
 
 def _swiglu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = swiglu_bwd(dy, gate, up, *ctx.extra)
+    dgate, dup = _eager_swiglu_bwd(dy, gate, up, *ctx.extra)
     return dgate, dup, None
 
 
 def _geglu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = geglu_bwd(dy, gate, up, *ctx.extra)
+    dgate, dup = _eager_geglu_bwd(dy, gate, up, *ctx.extra)
     return dgate, dup, None, None
 
 
 swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_glu_setup)
 geglu_fwd.register_autograd(_geglu_backward, setup_context=_glu_setup)
+
+# What the public functions and the backward functions call (see _eager.py).
+_eager_bias_gelu_fwd = EagerOp(bias_gelu_fwd, bias_gelu_fwd._init_fn, _bias_gelu_setup, _bias_gelu_backward)
+_eager_swiglu_fwd = EagerOp(swiglu_fwd, swiglu_fwd._init_fn, _glu_setup, _swiglu_backward)
+_eager_geglu_fwd = EagerOp(geglu_fwd, geglu_fwd._init_fn, _glu_setup, _geglu_backward)
+_eager_bias_gelu_bwd = EagerOp(bias_gelu_bwd, bias_gelu_bwd._init_fn)
+_eager_swiglu_bwd = EagerOp(swiglu_bwd, swiglu_bwd._init_fn)
+_eager_geglu_bwd = EagerOp(geglu_bwd, geglu_bwd._init_fn)
 
 
 # ------------------------------------------------------------------------- public API
@@ -213,17 +222,17 @@ def bias_gelu(
         _checks.check_same_device("x", x, bias=bias)
     _checks.check_choice("approximate", approximate, GELU_APPROXIMATIONS)
     backends.check_name(backend)
-    return bias_gelu_fwd(x, bias, approximate, backend)
+    return _eager_bias_gelu_fwd(x, bias, approximate, backend)
 
 
 def swiglu(gate: Tensor, up: Tensor, backend: str = "auto") -> Tensor:
     """``silu(gate) * up`` (SwiGLU); gate and up have the same shape and dtype."""
     _validate_pair(gate, up, backend)
-    return swiglu_fwd(gate, up, backend)
+    return _eager_swiglu_fwd(gate, up, backend)
 
 
 def geglu(gate: Tensor, up: Tensor, approximate: str = "none", backend: str = "auto") -> Tensor:
     """``gelu(gate) * up`` (GeGLU); gate and up have the same shape and dtype."""
     _validate_pair(gate, up, backend)
     _checks.check_choice("approximate", approximate, GELU_APPROXIMATIONS)
-    return geglu_fwd(gate, up, approximate, backend)
+    return _eager_geglu_fwd(gate, up, approximate, backend)

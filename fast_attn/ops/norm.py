@@ -26,6 +26,7 @@ from torch import Tensor
 from fast_attn import backends
 from fast_attn.ops import _checks
 from fast_attn.ops._dispatch import dispatch
+from fast_attn.ops._eager import EagerOp
 
 _EMPTY = (0,)  # shape of the placeholder returned for an absent optional output
 FAMILY = "norm"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
@@ -193,7 +194,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, dh, _dmean, _drstd):
     inp, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_bwd(
+    dx, dweight, dbias = _eager_layer_norm_bwd(
         dy, dh if ctx.has_residual else None, inp, weight, bias, mean, rstd, ctx.eps, ctx.backend
     )
     return (
@@ -219,13 +220,19 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy, dh, _dmean, _drstd):
     inp, weight, rstd = ctx.saved_tensors
-    dx, dweight, _ = rms_norm_bwd(
+    dx, dweight, _ = _eager_rms_norm_bwd(
         dy, dh if ctx.has_residual else None, inp, weight, rstd, ctx.eps, ctx.backend
     )
     return dx, dweight if weight is not None else None, dx if ctx.has_residual else None, None, None
 
 
 rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+# What the public functions and the backward functions call (see _eager.py).
+_eager_layer_norm_fwd = EagerOp(layer_norm_fwd, layer_norm_fwd._init_fn, _layer_norm_setup, _layer_norm_backward)
+_eager_rms_norm_fwd = EagerOp(rms_norm_fwd, rms_norm_fwd._init_fn, _rms_norm_setup, _rms_norm_backward)
+_eager_layer_norm_bwd = EagerOp(layer_norm_bwd, layer_norm_bwd._init_fn)
+_eager_rms_norm_bwd = EagerOp(rms_norm_bwd, rms_norm_bwd._init_fn)
 
 
 # ------------------------------------------------------------------------- public API
@@ -271,7 +278,7 @@ def layer_norm(
         ``y`` (x's shape and dtype), or ``(y, h)`` when ``residual`` is given.
     """
     eps = _validate(x, weight, bias, residual, eps, backend)
-    y, h, _, _ = layer_norm_fwd(x, weight, bias, residual, eps, backend)
+    y, h, _, _ = _eager_layer_norm_fwd(x, weight, bias, residual, eps, backend)
     return y if residual is None else (y, h)
 
 
@@ -287,5 +294,5 @@ def rms_norm(
     Args and returns as ``layer_norm`` (no bias).
     """
     eps = _validate(x, weight, None, residual, eps, backend)
-    y, h, _, _ = rms_norm_fwd(x, weight, residual, eps, backend)
+    y, h, _, _ = _eager_rms_norm_fwd(x, weight, residual, eps, backend)
     return y if residual is None else (y, h)
