@@ -1,14 +1,16 @@
 """python -m fast_attn.verify: every available backend x op x feature against the reference.
 
-For each case of ``fast_attn._verify_cases`` and each backend that is available here and
-declares the case's features, the op runs on fresh random inputs through the public API;
-its outputs and input gradients are compared with the tolerance rule of
-``fast_attn.testing`` (oracle: the reference in fp64 on CPU or fp32 on a GPU; baseline:
-the reference in the input dtype). Uninitialised memory is filled with NaN while it runs
-(``torch.utils.deterministic.fill_uninitialized_memory``), so an output element a kernel
-never writes shows up as a failure.
+For each case of ``fast_attn.testing_cases`` (the generator the tests use; on a GPU
+without --quick its GPU sweep too), in each requested dtype, and each backend that is
+available here and declares the case's features, the op runs on fresh random inputs
+through the public API; its outputs and input gradients are compared with the tolerance
+rule of ``fast_attn.testing`` (oracle: the reference in fp64; baseline: the reference in
+the input dtype). Uninitialised memory is filled with NaN while it runs
+(``testing_cases.nan_poisoned``), so an output element a kernel never writes shows up as
+a failure.
 
-Prints a pass/fail matrix (cells are the worst error / allowed-error ratio: <= 1 passes)
+Prints a line per op and backend as it goes (checks, failures, elapsed time), then a
+pass/fail matrix (cells are the worst error / allowed-error ratio: <= 1 passes)
 and exits 1 on any failure.
 
     python -m fast_attn.verify [--quick] [--interpret] [--backends cuda,triton] [--dtype bf16]
@@ -17,12 +19,14 @@ and exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_SHORT_DTYPE = {value: key for key, value in _DTYPES.items()}
 
 
 def _parse(argv):
@@ -44,8 +48,6 @@ def main(argv=None) -> int:
     import torch
 
     from fast_attn import backends
-    from fast_attn._verify_cases import all_cases
-    from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, compare
 
     statuses = backends.available_backends()
     wanted = [b for b in args.backends.split(",") if b] or list(backends.BACKENDS)
@@ -63,28 +65,37 @@ def main(argv=None) -> int:
     if not on_gpu:
         print("  (no CUDA GPU: the cuda backend and the Triton kernels on GPU are not verified by this run)")
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    cases = [case for case in all_cases() if case.quick or not args.quick]
+    from fast_attn import testing_cases
+
+    specs = [spec for spec in testing_cases.all_specs(gpu=on_gpu and not args.quick) if spec.quick or not args.quick]
+    # every case in every requested dtype (a case's own dtype is the tests' choice)
+    variants = list(dict.fromkeys(dataclasses.replace(spec, dtype=str(dtype)[6:]) for spec in specs for dtype in dtypes))
     failures = 0
     rows = []
     start = time.perf_counter()
-    for case in cases:
-        for dtype in dtypes:
-            cells = []
-            for name in names:
+    with testing_cases.nan_poisoned():
+        for op in dict.fromkeys(spec.op for spec in variants):
+            op_cases = [testing_cases.build(spec) for spec in variants if spec.op == op]
+            cells = {id(case): ["-"] * len(names) for case in op_cases}
+            for column, name in enumerate(names):
                 device = _device_for(name, statuses[name], on_gpu)
-                call = backends.Call(case.op, device.type, dtype, case.features, case.head_dim)
-                if backends._cannot(name, call, statuses) is not None:
-                    cells.append("-")
-                    continue
-                ok, ratio, detail = _check(case, name, dtype, device, args.seed, compare,
-                                           OUTPUT_FACTOR, GRAD_FACTOR)
-                failures += not ok
-                cells.append(f"{'ok' if ok else 'FAIL'} {ratio:.2f}")
-                if detail:
-                    print(f"FAIL {case.op} [{case.label}] {name} {dtype}: {detail}")
-            rows.append((case.op, case.label, str(dtype).replace("torch.", ""), cells))
+                ran, op_failures, op_start = 0, 0, time.perf_counter()
+                for case in op_cases:
+                    if backends._cannot(name, case.call(device.type), statuses) is not None:
+                        continue
+                    ok, ratio, detail = _check(case, name, device, args.seed)
+                    ran += 1
+                    op_failures += not ok
+                    cells[id(case)][column] = f"{'ok' if ok else 'FAIL'} {ratio:.2f}"
+                    if detail:
+                        print(f"FAIL {op} [{case.label}] {name}: {detail}", flush=True)
+                failures += op_failures
+                print(f"  {op:24s} {name:7s} {ran:3d} checks, {op_failures} failed, "
+                      f"{time.perf_counter() - op_start:6.1f} s (total {time.perf_counter() - start:6.1f} s)",
+                      flush=True)
+            for case in op_cases:
+                rows.append((op, testing_cases.label(dataclasses.replace(case.spec, dtype="")),
+                             _SHORT_DTYPE[case.spec.dtype], cells[id(case)]))
     _print_matrix(names, rows)
     elapsed = time.perf_counter() - start
     print(f"\n{len(rows) * len(names)} cells, {failures} failure(s), {elapsed:.1f} s "
@@ -100,53 +111,15 @@ def _device_for(name, status, on_gpu):
     return torch.device("cuda" if "cuda" in status.devices else "cpu")
 
 
-def _check(case, backend, dtype, device, seed, compare, output_factor, grad_factor):
-    """(ok, worst ratio, failure detail) for one case on one backend and dtype."""
-    import torch
+def _check(case, backend, device, seed):
+    """(ok, worst ratio, failure detail) for one case on one backend."""
+    from fast_attn import testing_cases
 
-    gen = torch.Generator().manual_seed(seed)
-    inputs = case.make(dtype, device, gen)
-    oracle_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    oracle_inputs = {k: (v.to(oracle_dtype) if v.is_floating_point() and k != "alibi_slopes" else v)
-                     for k, v in inputs.items()}
     try:
-        results = _run_with_grads(case, inputs, lambda i: case.run(i, backend))
+        result = testing_cases.evaluate(case, backend, device, seed=seed)
     except Exception as error:  # a crash is a failure of this cell, not of the whole run
         return False, float("inf"), f"{type(error).__name__}: {error}"
-    oracle = _run_with_grads(case, oracle_inputs, lambda i: case.ref(i, True), results.grads_out)
-    baseline = _run_with_grads(case, inputs, lambda i: case.ref(i, False), results.grads_out)
-    worst, details = 0.0, []
-    pairs = [(a, o, b, output_factor, False, f"output {n}") for n, (a, o, b) in
-             enumerate(zip(results.outputs, oracle.outputs, baseline.outputs))]
-    pairs += [(a, o, b, grad_factor, True, f"d{name}") for name, a, o, b in
-              zip(case.grad_inputs, results.grads, oracle.grads, baseline.grads)]
-    for actual, expected, base, factor, gradient, what in pairs:
-        result = compare(actual.cpu(), expected.cpu(), base.cpu(), factor=factor, gradient=gradient)
-        worst = max(worst, result.ratio)
-        if not result:
-            details.append(f"{what}: {result}")
-    return not details, worst, "; ".join(details)
-
-
-class _Results:
-    def __init__(self, outputs, grads, grads_out):
-        self.outputs, self.grads, self.grads_out = outputs, grads, grads_out
-
-
-def _run_with_grads(case, inputs, fn, grads_out=None):
-    """Outputs, and the gradients of the case's grad inputs for the given output grads."""
-    import torch
-
-    leaves = {k: (v.detach().requires_grad_() if k in case.grad_inputs else v) for k, v in inputs.items()}
-    outputs = fn(leaves)
-    if not case.grad_inputs:
-        return _Results([o.detach() for o in outputs], [], None)
-    if grads_out is None:
-        gen = torch.Generator().manual_seed(17)
-        grads_out = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outputs]
-    wanted = [leaves[name] for name in case.grad_inputs]
-    grads = torch.autograd.grad(outputs, wanted, [g.to(o.device, o.dtype) for g, o in zip(grads_out, outputs)])
-    return _Results([o.detach() for o in outputs], [g.detach() for g in grads], grads_out)
+    return result.ok, result.worst, result.report()
 
 
 def _print_matrix(names, rows):

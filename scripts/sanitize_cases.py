@@ -35,11 +35,11 @@ extension does not load, or an op of a selected group has no CUDA kernel. --help
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
 import time
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,157 +61,46 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------ cases
-# Plain data (dtype names, not torch dtypes) so that --list runs without torch.
+# The specs of fast_attn/testing_cases.py (``sanitize_specs``): plain data, loaded from the
+# file without importing the package, so that --list runs without torch.
 
 
-@dataclass(frozen=True)
-class AttentionCase:
-    batch: int
-    heads: int
-    kv_heads: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    dtype: str = "bfloat16"
-    causal: bool = False
-    window: tuple = (-1, -1)
-    softcap: float = 0.0
-    layout: str = "bshd"  # "bhsd": transposed views; "misaligned": storage offset by one element
-    deterministic: bool = False
+def _load_cases_module():
+    name = "fast_attn_testing_cases"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "fast_attn" / "testing_cases.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-@dataclass(frozen=True)
-class VarlenCase:
-    lens_q: tuple
-    lens_k: tuple
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str = "bfloat16"
-    causal: bool = False
-
-
-@dataclass(frozen=True)
-class KvcacheCase:
-    cache_seqlens: tuple  # rows filled before the append, per batch row
-    cache_len: int
-    seqlen_q: int
-    new_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str = "bfloat16"
-    causal: bool = False
-
-
-@dataclass(frozen=True)
-class RowsCase:
-    """An elementwise/row op on (rows, cols) inputs; ``options`` picks the variant."""
-
-    rows: int
-    cols: int
-    dtype: str = "bfloat16"
-    options: dict = field(default_factory=dict)
-    row_stride_pad: int = 0  # > 0: x is a column slice of a (rows, cols + pad) tensor
-
-
-def describe(case) -> str:
-    """``Kind(field=value ...)`` with the fields that differ from their defaults."""
-    parts = []
-    for f in fields(case):
-        value = getattr(case, f.name)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if value != default:
-            parts.append(f"{f.name}={value}")
-    return f"{type(case).__name__}({' '.join(parts)})"
+testing_cases = _load_cases_module()
+describe = testing_cases.describe
 
 
 def attention_cases(size: str) -> list:
-    if size == "tiny":
-        return [
-            AttentionCase(1, 2, 1, 77, 77, 64, causal=True),
-            AttentionCase(1, 2, 2, 77, 77, 128),
-            AttentionCase(1, 2, 1, 77, 77, 256, "float16", causal=True),
-            AttentionCase(1, 2, 1, 40, 77, 80, causal=True, window=(16, -1)),  # padded, Sq < Sk
-            AttentionCase(1, 2, 2, 77, 33, 64, causal=True, deterministic=True),  # Sq > Sk: empty rows
-        ]
-    return [
-        AttentionCase(2, 4, 4, 77, 77, 64),
-        AttentionCase(2, 4, 2, 77, 77, 128, causal=True),
-        AttentionCase(1, 4, 1, 77, 77, 256, "float16", causal=True),
-        AttentionCase(1, 6, 2, 33, 150, 80, causal=True),  # padded head dim, Sq < Sk
-        AttentionCase(1, 2, 2, 150, 33, 64, causal=True),  # Sq > Sk: the top rows see nothing
-        AttentionCase(1, 4, 2, 200, 200, 128, window=(32, 8), softcap=30.0),
-        AttentionCase(1, 4, 2, 1, 300, 128),  # one query: the split-KV candidate
-        AttentionCase(2, 4, 2, 130, 130, 64, layout="bhsd", causal=True),
-        AttentionCase(1, 4, 2, 77, 130, 128, "float16", layout="misaligned"),
-        AttentionCase(2, 4, 2, 257, 257, 256, causal=True, deterministic=True),
-    ]
+    return testing_cases.sanitize_specs("attention", size)
 
 
 def varlen_cases(size: str) -> list:
-    if size == "tiny":
-        return [VarlenCase((1, 0, 17, 40), (5, 9, 0, 40), 2, 1, 64, causal=True)]
-    return [
-        VarlenCase((1, 0, 17, 128, 77), (5, 9, 0, 128, 300), 4, 2, 64, causal=True),
-        VarlenCase((77, 200), (200, 77), 4, 4, 128, "float16"),
-        VarlenCase((33, 1), (33, 65), 4, 1, 256, causal=True),
-    ]
+    return testing_cases.sanitize_specs("varlen", size)
 
 
 def kvcache_cases(size: str) -> list:
-    if size == "tiny":
-        return [
-            KvcacheCase((0, 700), 1024, 1, 1, 4, 2, 128),
-            KvcacheCase((5, 60), 64, 3, 3, 2, 1, 64, causal=True),
-        ]
-    return [
-        KvcacheCase((3000,), 4096, 1, 1, 8, 2, 128),  # one long row: split-KV
-        KvcacheCase((0, 1, 1000, 4000), 4096, 1, 1, 8, 1, 64),  # splits with no valid key
-        KvcacheCase((2, 300, 500), 512, 4, 4, 4, 2, 256, causal=True),
-        KvcacheCase((10, 77), 100, 1, 0, 4, 4, 80),  # padded head dim, nothing appended
-    ]
+    return testing_cases.sanitize_specs("kvcache", size)
 
 
 def norm_cases(size: str) -> list:
-    ln = dict(rms=False, weight=True, bias=True, residual=False)
-    rms = dict(rms=True, weight=True, bias=False, residual=False)
-    if size == "tiny":
-        return [RowsCase(3, 33, options=ln), RowsCase(2, 1025, options=dict(rms, residual=True))]
-    return [
-        RowsCase(7, 1, options=ln),
-        RowsCase(7, 33, options=dict(ln, residual=True)),
-        RowsCase(64, 1024, "float16", options=rms),
-        RowsCase(5, 4097, options=dict(rms, residual=True)),
-        RowsCase(33, 1000, "float32", options=dict(ln, weight=False, bias=False)),
-        RowsCase(17, 768, options=dict(ln, residual=True), row_stride_pad=8),
-        RowsCase(3, 8192, options=dict(rms, weight=False)),
-    ]
+    return testing_cases.sanitize_specs("norm", size)
 
 
 def glu_cases(size: str) -> list:
-    if size == "tiny":
-        return [RowsCase(3, 33, options=dict(activation="silu")), RowsCase(2, 1025, options=dict(activation="gelu"))]
-    return [
-        RowsCase(7, 1, options=dict(activation="silu")),
-        RowsCase(7, 33, "float16", options=dict(activation="gelu")),
-        RowsCase(64, 1000, options=dict(activation="gelu_tanh")),
-        RowsCase(5, 4097, "float32", options=dict(activation="silu")),
-        RowsCase(17, 768, options=dict(activation="silu"), row_stride_pad=8),
-    ]
+    return testing_cases.sanitize_specs("glu", size)
 
 
 def bias_gelu_cases(size: str) -> list:
-    if size == "tiny":
-        return [RowsCase(3, 33, options=dict(bias=True, tanh=False)),
-                RowsCase(2, 1025, options=dict(bias=False, tanh=True))]
-    return [
-        RowsCase(7, 1, options=dict(bias=True, tanh=False)),
-        RowsCase(67, 1023, "float16", options=dict(bias=True, tanh=True)),
-        RowsCase(5, 4097, options=dict(bias=False, tanh=False)),
-        RowsCase(33, 1000, "float32", options=dict(bias=True, tanh=False)),
-        RowsCase(17, 768, options=dict(bias=True, tanh=False), row_stride_pad=3),  # misaligned rows
-    ]
+    return testing_cases.sanitize_specs("bias_gelu", size)
 
 
 CASES = {
@@ -222,6 +111,9 @@ CASES = {
     "glu": glu_cases,
     "bias_gelu": bias_gelu_cases,
 }
+# Row stride padding (elements) of the "strided" and "misaligned" row layouts.
+ROW_PAD = {"strided": 8, "misaligned": 3}
+GLU_ACTIVATION = {("swiglu", "none"): "silu", ("geglu", "none"): "gelu", ("geglu", "tanh"): "gelu_tanh"}
 
 
 # ------------------------------------------------------------------------- runners
@@ -266,7 +158,7 @@ class Runner:
 
     # ------------------------------------------------------------------ attention
 
-    def attention(self, case: AttentionCase) -> None:
+    def attention(self, case) -> None:
         b, sq, sk, d = case.batch, case.seqlen_q, case.seqlen_k, case.head_dim
         q, k, v = (self.layout(self.randn((b, s, h, d), case.dtype), case.layout).detach().requires_grad_()
                    for s, h in ((sq, case.heads), (sk, case.kv_heads), (sk, case.kv_heads)))
@@ -276,7 +168,7 @@ class Runner:
         dq, dk, dv = self.torch.autograd.grad(out, (q, k, v), self.torch.randn_like(out))
         self.finish(describe(case), out, lse, dq, dk, dv)
 
-    def varlen(self, case: VarlenCase) -> None:
+    def varlen(self, case) -> None:
         cu = [self.cu_seqlens(lens) for lens in (case.lens_q, case.lens_k)]
         q = self.randn((sum(case.lens_q), case.heads, case.head_dim), case.dtype).requires_grad_()
         k = self.randn((sum(case.lens_k), case.kv_heads, case.head_dim), case.dtype).requires_grad_()
@@ -292,7 +184,7 @@ class Runner:
             offsets.append(offsets[-1] + length)
         return self.torch.tensor(offsets, dtype=self.torch.int32, device=self.device)
 
-    def kvcache(self, case: KvcacheCase) -> None:
+    def kvcache(self, case) -> None:
         batch = len(case.cache_seqlens)
         q = self.randn((batch, case.seqlen_q, case.heads, case.head_dim), case.dtype)
         cache_shape = (batch, case.cache_len, case.kv_heads, case.head_dim)
@@ -309,35 +201,36 @@ class Runner:
 
     # ----------------------------------------------------------------- row ops
 
-    def rows(self, case: RowsCase):
-        """x (rows, cols), a column slice of a wider tensor when row_stride_pad > 0."""
-        wide = self.randn((case.rows, case.cols + case.row_stride_pad), case.dtype)
-        return wide[:, case.row_stride_pad:] if case.row_stride_pad else wide
+    def rows(self, case):
+        """x (rows, width), a column slice of a wider tensor for the strided/misaligned layouts."""
+        pad = ROW_PAD.get(case.layout, 0)
+        wide = self.randn((case.rows, case.width + pad), case.dtype)
+        return wide[:, pad:] if pad else wide
 
-    def norm(self, case: RowsCase) -> None:
-        o = case.options
+    def norm(self, case) -> None:
+        rms = case.op == "rms_norm"
         x = self.rows(case)
-        residual = self.randn(x.shape, case.dtype) if o["residual"] else None
-        weight = self.randn((case.cols,), case.dtype) if o["weight"] else None
-        bias = self.randn((case.cols,), case.dtype) if o["bias"] else None
-        y, h, mean, rstd = self.ops.cuda_norm_fwd(x, residual, weight, bias, 1e-5, o["rms"])
+        residual = self.randn(x.shape, case.dtype) if case.residual else None
+        weight = self.randn((case.width,), case.dtype) if case.weight else None
+        bias = self.randn((case.width,), case.dtype) if case.bias and not rms else None
+        y, h, mean, rstd = self.ops.cuda_norm_fwd(x, residual, weight, bias, 1e-5, rms)
         inp = h if residual is not None else x
         dh = self.randn(x.shape, case.dtype) if residual is not None else None
         dx, dweight, dbias = self.ops.cuda_norm_bwd(self.randn(x.shape, case.dtype), dh, inp, weight, mean, rstd,
-                                                    o["rms"], bias is not None)
+                                                    rms, bias is not None)
         self.finish(describe(case), y, h, mean, rstd, dx, dweight, dbias)
 
-    def glu(self, case: RowsCase) -> None:
+    def glu(self, case) -> None:
         gate, up = self.rows(case), self.rows(case)
-        activation = case.options["activation"]
+        activation = GLU_ACTIVATION[(case.op, case.approximate)]
         y = self.ops.cuda_glu_fwd(gate, up, activation)
         dgate, dup = self.ops.cuda_glu_bwd(self.randn(gate.shape, case.dtype), gate, up, activation)
         self.finish(describe(case), y, dgate, dup)
 
-    def bias_gelu(self, case: RowsCase) -> None:
+    def bias_gelu(self, case) -> None:
         x = self.rows(case)
-        bias = self.randn((case.cols,), case.dtype) if case.options["bias"] else None
-        tanh = case.options["tanh"]
+        bias = self.randn((case.width,), case.dtype) if case.bias else None
+        tanh = case.approximate == "tanh"
         y = self.ops.cuda_bias_gelu_fwd(x, bias, tanh)
         dx, dbias = self.ops.cuda_bias_gelu_bwd(self.randn(x.shape, case.dtype), x, bias, tanh)
         self.finish(describe(case), y, dx, dbias)

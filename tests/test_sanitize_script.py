@@ -75,7 +75,7 @@ def test_driver_cases_cover_the_brief():
     assert any(len(c.cache_seqlens) == 1 and c.seqlen_q == 1 and c.cache_len >= 4096
                for c in driver.kvcache_cases("small"))
     for cases in (driver.norm_cases, driver.glu_cases, driver.bias_gelu_cases):
-        assert any(c.cols % 2 for c in cases("small")), "odd widths"
+        assert any(c.width % 2 for c in cases("small")), "odd widths"
     steps = driver.plan(list(driver.GROUPS), "small", ["sm80", "auto"])
     assert {arch for _, group, arch, _ in steps if group in driver.ATTENTION_GROUPS} == {"sm80", "auto"}
 

@@ -10,7 +10,9 @@ the same). LayerNorm runs on ``aten.native_layer_norm`` / ``native_layer_norm_ba
 ATen keeps its statistics in the parameters' dtype, so weight and bias are always passed
 in the statistics dtype (fp32, fp64 for fp64 x; an exact upcast of N values) and a
 missing weight becomes ones: that selects ATen's mixed-dtype path, which for bf16/fp16 x
-computes in fp32 and returns fp32 mean/rstd and a y in x's dtype. RMSNorm's forward is
+computes in fp32 and returns fp32 mean/rstd and a y in x's dtype. Its backward takes that
+path only without parameters: with them, fp16/bf16 dy and h are upcast and the fp32
+kernel runs, since the mixed kernel's dweight/dbias miss the tolerance rule. RMSNorm's forward is
 ``aten._fused_rms_norm`` where this torch has it (fp32 rstd for any x dtype); its
 backward, which ATen implements on CUDA only, is plain maths in the statistics dtype:
 ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * weight``, ``xhat = h * rstd``.
@@ -99,25 +101,23 @@ def norm_bwd(op: str, dy: Tensor, dh: Optional[Tensor], inp: Tensor, weight: Opt
     width = inp.shape[-1]
     sdtype = _stats_dtype(inp.dtype)
     if op == LAYER_NORM:
-        w = _param(weight, sdtype)
-        low_precision = inp.dtype != sdtype
-        if w is None and low_precision:
-            w = torch.ones(width, dtype=sdtype, device=inp.device)
         stats_shape = (*inp.shape[:-1], 1)
         mean, rstd = mean.to(sdtype).view(stats_shape), rstd.to(sdtype).view(stats_shape)
-        # ATen's mixed-dtype CPU kernel loses ~bf16 precision in dweight/dbias (0.18 vs an
-        # fp64 0.04 at 64 x 96 bf16); for fp16/bf16 x they are summed here in fp32.
-        params_mask = [weight is not None and not low_precision, bias is not None and not low_precision]
+        w, b = _param(weight, sdtype), _param(bias, sdtype)
+        grad, x_in = dy, inp
+        if inp.dtype != sdtype:
+            if weight is None and bias is None:
+                w = torch.ones(width, dtype=sdtype, device=inp.device)  # mixed path: fp32 maths
+            else:
+                # ATen's mixed-dtype CPU backward sums dweight/dbias at ~bf16 precision (0.18
+                # vs 0.04 for plain bf16 maths at 64 x 96), outside the tolerance rule; its
+                # fp32 kernel on upcast copies is exact (267 ms vs 33 ms mixed at 8192 x 1024
+                # bf16, 2 loaded CPU cores).
+                grad, x_in = dy.to(sdtype), inp.to(sdtype)
         dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
-            dy, inp, [width], mean, rstd, w, _param(bias, sdtype), [True, *params_mask],
+            grad, x_in, [width], mean, rstd, w, b, [True, weight is not None, bias is not None],
         )
-        if low_precision and (weight is not None or bias is not None):
-            grad = dy.reshape(-1, width).to(sdtype)
-            if weight is not None:
-                xhat = (inp.reshape(-1, width).to(sdtype) - mean.view(-1, 1)) * rstd.view(-1, 1)
-                dweight = (grad * xhat).sum(dim=0)
-            if bias is not None:
-                dbias = grad.sum(dim=0)
+        dx = dx.to(inp.dtype)
     else:
         rows = inp.reshape(-1, width).to(sdtype)
         grad = dy.reshape(-1, width).to(sdtype)

@@ -1,23 +1,19 @@
-"""The CUDA SwiGLU / GeGLU kernels (csrc/ffn/glu.cu): through fast_attn.swiglu / geglu with
-backend="cuda", and the raw ops torch.ops.fast_attn.cuda_glu_fwd / cuda_glu_bwd.
+"""The CUDA SwiGLU / GeGLU kernels (csrc/ffn/glu.cu): what is specific to them. The shared
+sweep through the public API (every backend, widths, dtypes, extreme inputs, 3-D) is
+test_ffn.py.
 
 GPU only (`pytest -m gpu`): every test skips without a CUDA device or when the extension
-can be neither imported nor JIT-built. Forward and backward are checked against the
-reference (fast_attn/reference/ffn.py) with the DESIGN.md rule
-(fast_attn.testing.assert_close): oracle = the reference on fp64 copies, baseline = the
-reference computed by PyTorch in the input dtype; the kernel's max error may be 2x
-(outputs) or 3x (gradients) the baseline's, plus a floor. Reference gradients come from
-autograd through the reference.
-
-Sweep: fp16/bf16/fp32; widths 1, 3, 7, 8, 13, 4096, 11008; rows 0, 1, 37, 4096; SwiGLU,
-GeGLU exact and tanh. Layouts: 3-D; gate and up as the row-strided halves of one fused
-projection (16-byte aligned rows: the vector path without copies); a broadcast (stride-0)
-dy; leading dimensions that do not collapse into one row stride (copied by the op);
-tensors starting one element past a 16-byte boundary and rows whose stride is not a
-multiple of 16 bytes (the scalar path); more rows than the grid's y limit. Outputs are
-allocated where NaN-filled blocks were just freed, so unwritten elements show as NaN;
-inputs must come back unchanged; outputs are contiguous. Bad inputs raise TypeError /
-ValueError whose message names the argument.
+can be neither imported nor JIT-built. Through fast_attn.swiglu / geglu with
+backend="cuda" and the raw ops torch.ops.fast_attn.cuda_glu_fwd / cuda_glu_bwd (via
+``raw_glu``), against the reference with the DESIGN.md rule (fast_attn.testing.assert_close):
+gate and up as the row-strided halves of one fused projection (16-byte aligned rows:
+the vector path without copies; width 13: the scalar path); a broadcast (stride-0) dy
+and a broadcast scalar; leading dimensions that do not collapse into one row stride
+(copied by the op); tensors starting one element past a 16-byte boundary and rows whose
+stride is not a multiple of 16 bytes (the scalar path); more rows than the grid's y
+limit; empty inputs; bad inputs raise TypeError / ValueError whose message names the
+argument; float64 is refused. Outputs are allocated where NaN-filled blocks were just
+freed, so unwritten elements show as NaN; inputs must come back unchanged.
 """
 
 from __future__ import annotations
@@ -36,8 +32,6 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-WIDTHS = [1, 3, 7, 8, 13, 4096, 11008]
-ROWS = [0, 1, 37, 4096]
 # the op's activation -> the GELU approximation of the public function, None for SwiGLU
 ACTIVATIONS = {"silu": None, "gelu": "none", "gelu_tanh": "tanh"}
 # gate's scale: wide enough to reach both tails of every activation
@@ -120,36 +114,6 @@ def check_glu(gate, up, dy, activation, run=public_glu):
     assert_close(y, oracle[0], baseline[0], factor=OUTPUT_FACTOR, name="y")
     assert_close(dgate, oracle[1], baseline[1], factor=GRAD_FACTOR, gradient=True, name="dgate")
     assert_close(dup, oracle[2], baseline[2], factor=GRAD_FACTOR, gradient=True, name="dup")
-
-
-# --------------------------------------------------------------- public API, sweep
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_glu_matches_reference(cuda_ops, dtype, width, rows, activation):
-    gate = randn(rows, width, dtype=dtype, scale=GATE_SCALE)
-    up, dy = randn(rows, width, dtype=dtype), randn(rows, width, dtype=dtype)
-    check_glu(gate, up, dy, activation)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_glu_3d(cuda_ops, dtype, activation):
-    shape = (3, 5, 129)
-    gate = randn(*shape, dtype=dtype, scale=GATE_SCALE)
-    check_glu(gate, randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), activation)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_glu_extreme_inputs_stay_finite(cuda_ops, dtype, activation):
-    # |gate| up to ~100 (~30 in fp16): exp under/overflows inside every activation
-    scale = 8.0 if dtype == torch.float16 else 30.0
-    gate = randn(37, 13, dtype=dtype, scale=scale)
-    check_glu(gate, randn(37, 13, dtype=dtype), randn(37, 13, dtype=dtype), activation)
 
 
 # ------------------------------------------------------------------- layouts

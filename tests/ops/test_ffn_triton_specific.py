@@ -1,19 +1,15 @@
-"""The Triton feed-forward activation kernels (fast_attn.triton_kernels.ffn), launched directly.
+"""The Triton feed-forward activation launchers (fast_attn.triton_kernels.ffn): what is specific
+to them. The shared sweep through the public API (every backend) is test_ffn.py.
 
 CPU (the Triton interpreter, TRITON_INTERPRET=1, set by conftest.py without a GPU; on a
-GPU machine the same tests run compiled on CUDA tensors): bias_gelu_fwd/bwd and
-glu_fwd/bwd against the reference ops with the DESIGN.md rule: the kernel's max error
-against the reference on fp64 copies is at most 2x (outputs) or 3x (gradients) that of
-the reference computed by PyTorch in the input dtype, plus one ulp. Reference gradients
-come from autograd through the reference. Shapes: widths 1, 7, 1023, 1024, 4096 and
-prime row counts 1, 3, 37; fp16/bf16/fp32; with and without bias; exact and tanh GELU;
-SwiGLU and GeGLU; 3-D inputs, strided (last-dimension-contiguous) and expanded inputs,
-extreme inputs, empty inputs; long fp32 dbias sums. Outputs are allocated NaN-filled so
-unwritten elements show; inputs are checked unchanged; dbias is bitwise reproducible
-over 3 runs, also when split over many slabs.
+GPU machine the same tests run compiled): bias_gelu_fwd/bwd and glu_fwd/bwd, called
+through ``launch``, against the reference with the DESIGN.md rule: row-strided inputs
+with an expanded (stride-0) dy and a strided bias; dbias bitwise reproducible over 3
+runs, also when split over many slabs; long all-positive fp32 dbias sums (compensated);
+the slab split; empty inputs launch nothing. Outputs are allocated NaN-filled so
+unwritten elements show; inputs are checked unchanged.
 
-GPU (`pytest -m gpu`): the same comparisons over the full sweep, widths up to 65536, and
-dbias reproducibility on a large tensor.
+GPU (`pytest -m gpu`): dbias reproducibility on a large tensor.
 """
 
 from __future__ import annotations
@@ -29,9 +25,6 @@ from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close
 
 ffn = pytest.importorskip("fast_attn.triton_kernels.ffn", reason="triton is not installed")
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-WIDTHS = [1, 7, 1023, 1024, 4096]
-ROWS = [1, 3, 37]
 APPROXIMATIONS = ["none", "tanh"]
 # GLU activation of the kernel -> (op name, GELU approximation or None for SwiGLU)
 GLU_ACTIVATIONS = {"silu": None, "gelu": "none", "gelu_tanh": "tanh"}
@@ -69,6 +62,12 @@ def nan_filled_outputs():
         yield
 
 
+def launch(kernel: str, *args):
+    """The Triton FFN launchers (``ffn.bias_gelu_fwd/bwd``, ``ffn.glu_fwd/bwd``), called
+    directly: every launcher call of this file goes through here."""
+    return getattr(ffn, kernel)(*args)
+
+
 def bias_gelu_reference(x, bias, dy, approximate, upcast=True):
     """(y, dx, dbias or None) of the reference, gradients by autograd."""
     x = x.detach().requires_grad_()
@@ -104,8 +103,8 @@ def check_bias_gelu(x, bias, dy, approximate):
     clones = [t.clone() for t in (x, bias, dy) if t is not None]
 
     with nan_filled_outputs():
-        y = ffn.bias_gelu_fwd(x, bias, tanh)
-        dx, dbias = ffn.bias_gelu_bwd(dy, x, bias, tanh)
+        y = launch("bias_gelu_fwd", x, bias, tanh)
+        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, tanh)
 
     for before, after in zip(clones, [t for t in (x, bias, dy) if t is not None]):
         assert torch.equal(before, after), "an input was written"
@@ -128,8 +127,8 @@ def check_glu(gate, up, dy, activation):
     clones = [t.clone() for t in (gate, up, dy)]
 
     with nan_filled_outputs():
-        y = ffn.glu_fwd(gate, up, activation)
-        dgate, dup = ffn.glu_bwd(dy, gate, up, activation)
+        y = launch("glu_fwd", gate, up, activation)
+        dgate, dup = launch("glu_bwd", dy, gate, up, activation)
 
     for before, after in zip(clones, (gate, up, dy)):
         assert torch.equal(before, after), "an input was written"
@@ -149,26 +148,6 @@ def randn(*shape, dtype, device=None, scale=1.0):
 # ------------------------------------------------------------------ bias + GELU, CPU
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_bias_gelu_matches_reference(dtype, width, rows, with_bias):
-    # both approximations in one case: the sweep stays within the CPU time budget
-    x = randn(rows, width, dtype=dtype, scale=2.0)
-    bias = randn(width, dtype=dtype) if with_bias else None
-    dy = randn(rows, width, dtype=dtype)
-    for approximate in APPROXIMATIONS:
-        check_bias_gelu(x, bias, dy, approximate)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("approximate", APPROXIMATIONS)
-def test_bias_gelu_3d(dtype, approximate):
-    x = randn(3, 5, 129, dtype=dtype)
-    check_bias_gelu(x, randn(129, dtype=dtype), randn(3, 5, 129, dtype=dtype), approximate)
-
-
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_bias_gelu_strided_inputs(with_bias):
     dtype = torch.bfloat16
@@ -179,15 +158,6 @@ def test_bias_gelu_strided_inputs(with_bias):
     bias = randn(2048, dtype=dtype)[::2] if with_bias else None  # a strided bias
     assert not x.is_contiguous() and not dy.is_contiguous()
     check_bias_gelu(x, bias, dy, "tanh")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bias_gelu_extreme_inputs_stay_finite(dtype):
-    # |x| up to ~60 (~20 in fp16): exp overflows/underflows inside both approximations
-    scale = 8.0 if dtype == torch.float16 else 20.0
-    x = randn(37, 7, dtype=dtype, scale=scale)
-    for approximate in APPROXIMATIONS:
-        check_bias_gelu(x, randn(7, dtype=dtype), randn(37, 7, dtype=dtype), approximate)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -203,9 +173,9 @@ def test_bias_gelu_dbias_is_deterministic_over_many_slabs(dtype):
         bias = randn(1024, dtype=dtype)
         dy = randn(37, 1024, dtype=dtype)
         check_bias_gelu(x, bias, dy, "none")
-        first_dx, first_dbias = ffn.bias_gelu_bwd(dy, x, bias, False)
+        first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, False)
         for _ in range(2):
-            dx, dbias = ffn.bias_gelu_bwd(dy, x, bias, False)
+            dx, dbias = launch("bias_gelu_bwd", dy, x, bias, False)
             assert torch.equal(dbias, first_dbias) and torch.equal(dx, first_dx)
 
 
@@ -214,7 +184,7 @@ def test_bias_gelu_dbias_is_deterministic():
     bias = randn(7, dtype=torch.float32)
     dy = randn(1031, 7, dtype=torch.float32)
     check_bias_gelu(x, bias, dy, "tanh")
-    runs = [ffn.bias_gelu_bwd(dy, x, bias, True)[1] for _ in range(3)]
+    runs = [launch("bias_gelu_bwd", dy, x, bias, True)[1] for _ in range(3)]
     assert all(torch.equal(run, runs[0]) for run in runs)
 
 
@@ -244,37 +214,17 @@ def test_bias_gelu_empty_inputs_launch_nothing():
             patch.setattr(ffn, name, None)  # any launch would fail
         x = randn(0, 5, dtype=torch.float16)
         bias = randn(5, dtype=torch.float16)
-        assert ffn.bias_gelu_fwd(x, bias, False).shape == (0, 5)
-        dx, dbias = ffn.bias_gelu_bwd(x, x, bias, True)
+        assert launch("bias_gelu_fwd", x, bias, False).shape == (0, 5)
+        dx, dbias = launch("bias_gelu_bwd", x, x, bias, True)
         assert dx.shape == (0, 5) and torch.equal(dbias, torch.zeros_like(bias))
-        assert ffn.bias_gelu_bwd(x, x, None, False)[1] is None
+        assert launch("bias_gelu_bwd", x, x, None, False)[1] is None
         empty = randn(2, 0, 3, dtype=torch.float32)
-        assert ffn.glu_fwd(empty, empty, "silu").shape == (2, 0, 3)
-        dgate, dup = ffn.glu_bwd(empty, empty, empty, "gelu")
+        assert launch("glu_fwd", empty, empty, "silu").shape == (2, 0, 3)
+        dgate, dup = launch("glu_bwd", empty, empty, empty, "gelu")
         assert dgate.shape == dup.shape == (2, 0, 3)
 
 
 # ---------------------------------------------------------------- SwiGLU / GeGLU, CPU
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("rows", ROWS)
-def test_glu_matches_reference(dtype, width, rows):
-    # every activation in one case: the sweep stays within the CPU time budget
-    gate = randn(rows, width, dtype=dtype, scale=2.0)
-    up = randn(rows, width, dtype=dtype)
-    dy = randn(rows, width, dtype=dtype)
-    for activation in GLU_ACTIVATIONS:
-        check_glu(gate, up, dy, activation)
-
-
-@pytest.mark.parametrize("activation", list(GLU_ACTIVATIONS))
-def test_glu_3d(activation):
-    shape = (3, 5, 129)
-    dtype = torch.bfloat16
-    gate, up, dy = (randn(*shape, dtype=dtype) for _ in range(3))
-    check_glu(gate, up, dy, activation)
 
 
 @pytest.mark.parametrize("activation", list(GLU_ACTIVATIONS))
@@ -288,57 +238,7 @@ def test_glu_strided_inputs(activation):
     check_glu(gate, up, dy, activation)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_glu_extreme_inputs_stay_finite(dtype):
-    scale = 8.0 if dtype == torch.float16 else 30.0
-    gate = randn(37, 7, dtype=dtype, scale=scale)
-    up, dy = randn(37, 7, dtype=dtype), randn(37, 7, dtype=dtype)
-    for activation in GLU_ACTIVATIONS:
-        check_glu(gate, up, dy, activation)
-
-
-# --------------------------------------------------------------------------- GPU sweep
-
-GPU_WIDTHS = [1, 7, 1023, 1024, 4096, 8191, 65536]
-GPU_ROWS = [1, 37, 2053]
-
-
-@pytest.mark.gpu
-@needs_compiled_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", GPU_WIDTHS)
-@pytest.mark.parametrize("rows", GPU_ROWS)
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("approximate", APPROXIMATIONS)
-def test_gpu_bias_gelu_sweep(dtype, width, rows, with_bias, approximate):
-    x = randn(rows, width, dtype=dtype, device="cuda", scale=2.0)
-    bias = randn(width, dtype=dtype, device="cuda") if with_bias else None
-    check_bias_gelu(x, bias, randn(rows, width, dtype=dtype, device="cuda"), approximate)
-
-
-@pytest.mark.gpu
-@needs_compiled_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", GPU_WIDTHS)
-@pytest.mark.parametrize("rows", GPU_ROWS)
-@pytest.mark.parametrize("activation", list(GLU_ACTIVATIONS))
-def test_gpu_glu_sweep(dtype, width, rows, activation):
-    gate = randn(rows, width, dtype=dtype, device="cuda", scale=2.0)
-    up = randn(rows, width, dtype=dtype, device="cuda")
-    check_glu(gate, up, randn(rows, width, dtype=dtype, device="cuda"), activation)
-
-
-@pytest.mark.gpu
-@needs_compiled_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_strided_and_3d(dtype):
-    x = randn(131, 4096 + 64, dtype=dtype, device="cuda")[:, 1 : 1 + 4096]
-    check_bias_gelu(x, randn(4096, dtype=dtype, device="cuda"), torch.randn_like(x), "none")
-    x3 = randn(37, 3, 1023, dtype=dtype, device="cuda").transpose(0, 1)
-    check_bias_gelu(x3, randn(1023, dtype=dtype, device="cuda"), torch.randn_like(x3), "tanh")
-    fused = randn(257, 2 * 4096, dtype=dtype, device="cuda")
-    check_glu(fused[:, :4096], fused[:, 4096:], torch.randn_like(fused[:, :4096]), "silu")
-
+# --------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
 @needs_compiled_gpu
@@ -347,7 +247,7 @@ def test_gpu_dbias_is_deterministic(dtype):
     x = randn(8191, 4096, dtype=dtype, device="cuda")
     bias = randn(4096, dtype=dtype, device="cuda")
     dy = torch.randn_like(x)
-    first_dx, first_dbias = ffn.bias_gelu_bwd(dy, x, bias, False)
+    first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, False)
     for _ in range(9):
-        dx, dbias = ffn.bias_gelu_bwd(dy, x, bias, False)
+        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, False)
         assert torch.equal(dbias, first_dbias) and torch.equal(dx, first_dx)

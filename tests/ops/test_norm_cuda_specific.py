@@ -1,9 +1,10 @@
-"""The CUDA LayerNorm/RMSNorm kernels (csrc/norm) against the reference.
+"""The CUDA LayerNorm/RMSNorm kernels (csrc/norm): the raw ops, against the reference.
 
-Two entry points are checked: the raw ops ``torch.ops.fast_attn.cuda_norm_fwd/bwd`` (the
-kernels' contract: shapes, dtypes, empty placeholders, strided and broadcast rows, mixed
-parameter dtypes, zero rows, input checks) and the public ``fast_attn.layer_norm`` /
-``rms_norm`` with ``backend="cuda"`` under autograd. Every comparison uses the DESIGN.md
+The public ``fast_attn.layer_norm`` / ``rms_norm`` with ``backend="cuda"`` under autograd
+run the shared sweep of test_norm.py. Here: the raw ops ``torch.ops.fast_attn.cuda_norm_fwd/bwd``
+(the kernels' contract: shapes, dtypes, empty placeholders, statistics, strided and
+broadcast rows, mixed parameter dtypes, zero rows, schedule thresholds, input checks),
+called through ``run_cuda``/``check_raw``. Every comparison uses the DESIGN.md
 tolerance rule (``fast_attn.testing``): the oracle is the reference
 (``fast_attn.reference.norm``) on fp64 copies, the baseline the reference in the input
 dtype; gradients come from autograd through the reference (factor 3); dweight/dbias, sums
@@ -23,7 +24,6 @@ without CUDA or without the extension.
 import pytest
 import torch
 
-import fast_attn
 from fast_attn import _extension
 from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close, compare
@@ -366,64 +366,3 @@ def test_raw_ops_bad_input_messages(ops):
         bwd(y, None, x, w, mean, rstd[:3], False, False)
     with pytest.raises(TypeError, match="mean must be float32"):
         bwd(y, None, x, w, mean.half(), rstd, False, False)
-
-
-# ------------------------------------------------------------- through the public API
-
-
-def public_run(op, x, w, b, r, dy, dh):
-    """fast_attn.layer_norm / rms_norm(backend="cuda"), then the gradients of every input.
-    The leaves are detached views, so strided inputs reach the op with their strides."""
-    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, b, r)]
-    xl, wl, bl, rl = leaves
-    if op == "layer_norm":
-        out = fast_attn.layer_norm(xl, wl, bl, EPS[op], residual=rl, backend="cuda")
-    else:
-        out = fast_attn.rms_norm(xl, wl, EPS[op], residual=rl, backend="cuda")
-    y, h = out if r is not None else (out, None)
-    outs, cots = ([y, h], [dy, dh]) if r is not None else ([y], [dy])
-    present = [t for t in leaves if t is not None]
-    found = iter(torch.autograd.grad(outs, present, cots))
-    grads = [None if t is None else next(found) for t in leaves]
-    return y.detach(), (None if h is None else h.detach()), grads
-
-
-PUBLIC_CASES = [(op, k) for op in OPS for k, o in OPTION_SETS.items() if op == "layer_norm" or not o["bias"]]
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", [7, 1024, 4096, 12345])
-@pytest.mark.parametrize("op, options", PUBLIC_CASES, ids=[f"{op}-{k}" for op, k in PUBLIC_CASES])
-def test_public_api_with_cuda_backend(op, options, width, dtype, layout):
-    x, w, b, r, dy, dh = make_inputs(op, 37, width, dtype, layout=layout, **OPTION_SETS[options])
-    y, h, grads = public_run(op, x, w, b, r, dy, dh)
-    oracle, oracle_grads = reference_run(op, (x, w, b, r), dy, dh, upcast=True)
-    baseline, baseline_grads = reference_run(op, (x, w, b, r), dy, dh, upcast=False)
-    name = f"{op} {options} width={width} {dtype} {layout}"
-    assert_close(y, oracle.y, baseline.y, name=f"{name} y")
-    if r is not None:
-        assert_rounded_sum(h, x, r, name)
-    width_terms = dy.double().reshape(-1, width)
-    xhat = reference(op, x.double(), None, None, None if r is None else r.double(), upcast=True).y
-    terms = (None, width_terms * xhat.reshape(-1, width), width_terms, None)
-    for i, grad in enumerate(grads):
-        if grad is None:
-            continue
-        if terms[i] is None:  # x, residual
-            assert_close(grad, oracle_grads[i], baseline_grads[i], factor=GRAD_FACTOR, name=f"{name} grad {i}")
-        else:  # weight, bias: sums over rows
-            assert_close_row_sum(grad, oracle_grads[i], baseline_grads[i], terms[i], name=f"{name} grad {i}")
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_public_api_float32_parameters_with_bfloat16_input(op):
-    x, w, b, r, dy, dh = make_inputs(op, 37, 1023, torch.bfloat16, param_dtype=torch.float32)
-    y, h, grads = public_run(op, x, w, b, r, dy, dh)
-    oracle, oracle_grads = reference_run(op, (x, w, b, r), dy, dh, upcast=True)
-    baseline, baseline_grads = reference_run(op, (x, w, b, r), dy, dh, upcast=False)
-    assert_close(y, oracle.y, baseline.y, name=f"{op} y")
-    for i in (1, 2):
-        if grads[i] is not None:
-            assert grads[i].dtype == torch.float32
-            assert_close(grads[i], oracle_grads[i], baseline_grads[i], factor=GRAD_FACTOR, name=f"{op} grad {i}")

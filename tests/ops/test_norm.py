@@ -1,0 +1,110 @@
+"""LayerNorm and RMSNorm (with the fused residual add) on every backend against the reference.
+
+The cases come from ``fast_attn.testing_cases`` (shared with ``python -m fast_attn.verify``):
+widths 1, 7, 33, 129, 1023, 1024 and past the kernels' register paths; prime row counts;
+fp16/bf16/fp32; weight, bias, residual present and absent; fp32 parameters with bf16
+input; row-strided and non-viewable (copied) layouts. Each runs through
+``fast_attn.layer_norm`` / ``rms_norm`` with ``backend=`` each of "torch", "triton",
+"cuda" (skipped where unavailable or the features are not declared), forward and
+backward, compared with the DESIGN.md tolerance rule (``fast_attn.testing``): y, and
+dx, dresidual, dweight, dbias (the parameter gradients, sums over rows, with a floor
+of one ulp at the sum of |terms|); h must be the fp32 sum rounded to nearest even; the
+inputs unchanged; every fresh allocation NaN-filled.
+
+On CPU the triton backend runs under the Triton interpreter, bf16 included (the norm
+kernels have no tl.dot), on the ``quick`` cases; ``pytest -m gpu`` adds the GPU sweep
+(widths up to 65536, both sides of every schedule threshold, 65537 rows, misaligned
+rows, mixed parameter dtypes). ``test_correctly_rounded`` checks widths 1 and 7 in
+bf16/fp16 against fp64 within half an ulp (plus fp32 slack). Schedules, statistics and
+raw kernels: test_norm_triton_specific.py and test_norm_cuda_specific.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fast_attn import backends
+from fast_attn import testing_cases as tc
+
+BACKENDS = ("torch", "triton", "cuda")
+ON_GPU = torch.cuda.is_available()
+SPECS = tc.norm_specs(ON_GPU)
+
+
+def why_not(backend: str, case: tc.Case):
+    """None if ``backend`` can run ``case`` here, else why not (the skip reason).
+
+    (The one place to switch to ``fast_attn.backends.why_not`` once it exists.)"""
+    status = backends.available_backends()[backend]
+    if not status:
+        return f"the {backend} backend is unavailable here: {status.reason}"
+    capability = backends.CAPABILITIES[backend].get(case.op)
+    if capability is None:
+        return f"the {backend} backend has no {case.op} kernel"
+    missing = capability.why_not(case.call(device_for(backend)))
+    return None if missing is None else f"the {backend} backend's {case.op} does not support {missing}"
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if ON_GPU else "cpu"
+
+
+def interpreter_skip(case: tc.Case, backend: str):
+    """The triton cases the interpreter leaves to a GPU (too slow there)."""
+    if backend == "triton" and not ON_GPU and not case.quick:
+        return "the interpreter runs the quick cases; this one runs on a GPU"
+    return None
+
+
+def case_params(specs):
+    return [pytest.param(tc.build(spec), id=tc.label(spec), marks=[pytest.mark.gpu] if spec.gpu else [])
+            for spec in specs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(SPECS))
+def test_matches_reference(case, backend):
+    if case.gpu and not ON_GPU:
+        pytest.skip("a GPU-sized case")
+    reason = why_not(backend, case) or interpreter_skip(case, backend)
+    if reason:
+        pytest.skip(reason)
+    with tc.nan_poisoned():
+        result = tc.evaluate(case, backend, device_for(backend))
+    assert result, f"{case.label} on {backend}: {result.report()}"
+
+
+def ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values in the binade of each fp64 ``exact`` value."""
+    finfo = torch.finfo(dtype)
+    binade = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(finfo.smallest_normal))))
+    return finfo.eps * binade
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight", [False, True], ids=["plain", "weight"])
+@pytest.mark.parametrize("width", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_correctly_rounded(op, dtype, width, weight, backend):
+    """y within half an ulp of the fp64 result, up to the fp32 arithmetic before the one
+    final rounding (a few fp32 ulps): a second rounding (e.g. a truncating fp32 -> bf16
+    conversion) shows as a whole ulp. Width 1 is RMSNorm's worst case: y = sign(x) (1 - d)
+    with d ~ eps / 2x^2, just below 1, where bf16's ulp is 2^-8."""
+    spec = tc.NormSpec(op, 512, width, str(dtype).replace("torch.", ""), weight=weight, bias=False)
+    case = tc.build(spec)
+    reason = why_not(backend, case)
+    if reason:
+        pytest.skip(reason)
+    device = device_for(backend)
+    inputs = case.make(torch.device(device), torch.Generator().manual_seed(0))
+    y = case.run(inputs, backend)["y"].double().cpu()
+    exact = case.ref({k: v.double() for k, v in inputs.items()}, True)["y"].cpu()
+    slack = 8 * torch.finfo(torch.float32).eps * exact.abs()
+    excess = (y - exact).abs() - (0.5 * ulp(exact, dtype) + slack)
+    worst = int(excess.argmax())
+    assert float(excess.max()) <= 0, (
+        f"{op} {dtype} width {width}: y {float(y.flatten()[worst])!r} vs exact {float(exact.flatten()[worst])!r}: "
+        f"{float(((y - exact).abs() / ulp(exact, dtype)).max()):.3f} ulp"
+    )
