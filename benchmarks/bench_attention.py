@@ -17,9 +17,7 @@ On CPU the shapes are small (the torch reference and SDPA's CPU flash kernel onl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -125,19 +123,10 @@ def _ours(ctx: Context, shape: dict) -> list[Case]:
     return cases
 
 
-@contextlib.contextmanager
 def _force_sm80():
     from fast_attn import backends
 
-    previous = os.environ.get(backends.ENV_CUDA_ATTENTION_ARCH)
-    os.environ[backends.ENV_CUDA_ATTENTION_ARCH] = "sm80"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[backends.ENV_CUDA_ATTENTION_ARCH]
-        else:
-            os.environ[backends.ENV_CUDA_ATTENTION_ARCH] = previous
+    return backends.use_cuda_attention_arch("sm80")
 
 
 # ----------------------------------------------------------------------------- peers

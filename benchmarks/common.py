@@ -269,7 +269,7 @@ def our_backends(ctx: Context, call) -> list:
     """
     from fast_attn import backends
 
-    return [(name, backends._cannot(name, call, ctx.statuses)) for name in ctx.backends]
+    return [(name, backends.why_not(name, call, ctx.statuses)) for name in ctx.backends]
 
 
 def our_cases(ctx: Context, *, op: str, shape: dict, passes: Sequence[str],

@@ -1,14 +1,15 @@
 """The counter-hash dropout keep mask, for backends that generate it piece by piece.
 
-What: ``dropout_key(seed)``, ``dropout_threshold(p)`` and ``keep_mask(...)``, which builds
-any rectangular block ``[batches, heads, rows, cols]`` of the keep mask that
-``fast_attn.reference.attention.dropout_keep_mask`` defines, bit for bit. A backend that
-works on chunks of query rows (or on one varlen sequence inside the padded coordinates)
-asks for exactly the block it needs instead of the whole ``(B, H, Sq, Sk)`` mask.
+What: ``dropout_key(seed)``, ``dropout_threshold(p)``, ``hash_counters(key, idx)`` and
+``keep_mask(...)``, which builds any rectangular block ``[batches, heads, rows, cols]`` of
+the keep mask. The one definition of the mask, used by the reference
+(``fast_attn.reference.attention.dropout_keep_mask``), the torch backend and the Triton
+launchers (which pass the key and threshold to their kernels); a backend that works on
+chunks of query rows (or on one varlen sequence inside the padded coordinates) asks for
+exactly the block it needs instead of the whole ``(B, H, Sq, Sk)`` mask. The tests check
+it against a plain-Python transcription of the formula below.
 
-Algorithm (the reference's docstring has the normative definition; this is a second,
-independent transcription of it, checked against the reference by the tests), uint32
-arithmetic with wrap-around::
+Definition, uint32 arithmetic with wrap-around::
 
     fmix32(x): x ^= x >> 16; x *= 0x85EBCA6B; x ^= x >> 13; x *= 0xC2B2AE35; x ^= x >> 16
     key  = fmix32(fmix32(0x9E3779B9 ^ seed_lo) ^ seed_hi)
@@ -29,7 +30,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["dropout_key", "dropout_threshold", "keep_mask"]
+__all__ = ["dropout_key", "dropout_threshold", "hash_counters", "keep_mask"]
 
 UINT32_MASK = 0xFFFFFFFF
 HASH_INIT = 0x9E3779B9  # 2**32 / golden ratio: seed 0 does not start the chain at 0
@@ -111,7 +112,11 @@ def keep_mask(
     shape = (b.shape[0], heads, i.shape[2], j.shape[3])
     if dropout_p == 0.0:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    key = dropout_key(seed)
     idx = ((b * heads + h) * seqlen_q + i) * seqlen_k + j  # broadcasts to `shape`
-    hashed = _fmix32(_fmix32(_fmix32(key ^ (idx & UINT32_MASK)) ^ (idx >> 32)) ^ key)
-    return hashed >= dropout_threshold(dropout_p)
+    return hash_counters(dropout_key(seed), idx) >= dropout_threshold(dropout_p)
+
+
+def hash_counters(key: int, idx: Tensor) -> Tensor:
+    """The uint32 hash (held in int64) of 64-bit counters ``idx`` under ``key``; the last
+    round re-injects the key so masks of two seeds are not index permutations of each other."""
+    return _fmix32(_fmix32(_fmix32(key ^ (idx & UINT32_MASK)) ^ (idx >> 32)) ^ key)

@@ -25,9 +25,11 @@ GRAD_FACTOR = 3.0
 # Kernels accumulate in fp32. A gradient formed by cancellation (FlashAttention's
 # delta = rowsum(dO * O) against rowsum(P * dP)) keeps a few fp32 roundings that the
 # baseline, cancelling exactly, does not show: e.g. Sq = Sk = 1 in fp32, where dS is
-# exactly 0 but a flash backward is left with ~4 ulp of |dO||V|. Gradients therefore get
-# a floor of this many fp32 ulps; it only matters for fp32 inputs.
-GRAD_FP32_FLOOR_ULPS = 8
+# exactly 0 but a flash backward is left with ~4 ulp of |dO||V| (our Triton kernel) and
+# ~12 (ATen's CPU flash kernel behind the torch backend, whose exponentials are a fast
+# approximation: 1.37e-6 at Sq=113, Sk=1, D=64). Gradients therefore get a floor of this
+# many fp32 ulps; it only matters for fp32 inputs.
+GRAD_FP32_FLOOR_ULPS = 16
 
 
 @dataclass(frozen=True)

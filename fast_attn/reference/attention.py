@@ -1,9 +1,10 @@
-"""Reference attention in plain PyTorch: the CPU fallback and the oracle for every kernel.
+"""Reference attention in plain PyTorch: the oracle every backend is checked against.
 
 What: `attention_ref` (dense batch), `attention_varlen_ref` (packed sequences with
 cumulative lengths, FlashAttention-2's varlen layout) and `attention_with_kvcache_ref`
 (decode against a KV cache), plus `dropout_keep_mask`, the counter-based dropout mask
-that every backend reproduces bit for bit.
+that every backend reproduces bit for bit (its one implementation is
+`fast_attn/_dropout_hash.py`, shared with the backends; its definition is below).
 
 Algorithm: plain softmax attention, no tiling and no online softmax. The whole score
 matrix `S = softmax_scale * Q K^T` is materialized per (batch, head), biased and masked,
@@ -44,6 +45,9 @@ import math
 import torch
 from torch import Tensor
 
+from fast_attn import _dropout_hash
+from fast_attn._dropout_hash import dropout_threshold
+
 __all__ = [
     "attention_ref",
     "attention_varlen_ref",
@@ -51,56 +55,6 @@ __all__ = [
     "dropout_keep_mask",
     "dropout_threshold",
 ]
-
-# Dropout hash constants (documented in `dropout_keep_mask`; kernels must use the same).
-_UINT32_MASK = 0xFFFFFFFF
-_HASH_INIT = 0x9E3779B9  # 2**32 / golden ratio: keeps seed 0 from starting the chain at 0
-_FMIX_MUL1 = 0x85EBCA6B  # MurmurHash3 fmix32 multipliers
-_FMIX_MUL2 = 0xC2B2AE35
-
-
-def _mul32(x, c: int):
-    """`(x * c) mod 2**32` for uint32 values held in int64 (tensor or Python int).
-
-    A 32x32-bit product can reach 2**64 and overflow int64, so multiply by the two
-    16-bit halves of `c` instead; every intermediate stays below 2**49.
-    """
-    low = x * (c & 0xFFFF)
-    high = (x * (c >> 16)) & 0xFFFF  # only these bits survive the shift by 16 mod 2**32
-    return (low + (high << 16)) & _UINT32_MASK
-
-
-def _fmix32(x):
-    """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _FMIX_MUL1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, _FMIX_MUL2)
-    return x ^ (x >> 16)
-
-
-def _dropout_key(seed: int) -> int:
-    """The seed folded into one uint32 key (a Python int; kernels may get it precomputed)."""
-    return _fmix32(_fmix32(_HASH_INIT ^ (seed & _UINT32_MASK)) ^ (seed >> 32))
-
-
-def _dropout_hash(key: int, idx: Tensor) -> Tensor:
-    """uint32 hash (in int64) of 64-bit counters `idx` (int64 tensor) under `key`."""
-    hashed = _fmix32(_fmix32(key ^ (idx & _UINT32_MASK)) ^ (idx >> 32))
-    # Re-inject the key so masks of two seeds are not index permutations of each other.
-    return _fmix32(hashed ^ key)
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """The integer keep threshold for `dropout_p`: `floor(dropout_p * 2**32 + 0.5)`.
-
-    Computed in fp64 on the host exactly as written; backends should take this integer
-    rather than recompute it in another precision. The result lies in [0, 2**32];
-    2**32 (dropout_p within 2**-33 of 1) means keep nothing, which a backend comparing
-    in uint32 must special-case.
-    """
-    return math.floor(dropout_p * 4294967296.0 + 0.5)
-
 
 def dropout_keep_mask(
     seed: int,
@@ -140,14 +94,7 @@ def dropout_keep_mask(
     """
     if not 0 <= seed < 2**63:
         raise ValueError(f"dropout seed must be an int in [0, 2**63), got {seed}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    shape = (batch, heads, seqlen_q, seqlen_k)
-    if dropout_p == 0.0:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    idx = torch.arange(batch * heads * seqlen_q * seqlen_k, dtype=torch.int64, device=device)
-    hashed = _dropout_hash(_dropout_key(seed), idx)
-    return (hashed >= dropout_threshold(dropout_p)).view(shape)
+    return _dropout_hash.keep_mask(seed, batch, heads, seqlen_q, seqlen_k, dropout_p, device)
 
 
 def _attention(

@@ -31,6 +31,11 @@ from torch import Tensor
 __all__ = ["norm_fwd", "norm_bwd"]
 
 LAYER_NORM, RMS_NORM = "layer_norm", "rms_norm"
+# LayerNorm rows narrower than this run plain maths: there the output is (nearly) constant,
+# the exact dx and dweight (nearly) 0, and ATen's kernels leave rounding residues that
+# rstd ~ 1/sqrt(eps) amplifies (dweight 5e-5 off at width 1 in fp32, where plain maths
+# is exact). Such rows are tiny, so the plain maths costs nothing that matters.
+MIN_ATEN_LAYER_NORM_WIDTH = 4
 _HAS_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
@@ -57,6 +62,37 @@ def _rms_fwd_plain(h: Tensor, weight: Optional[Tensor], eps: float):
     return y.to(h.dtype), rstd
 
 
+def _layer_norm_fwd_plain(h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """(y contiguous, mean (rows,), rstd (rows,)) in plain maths, statistics dtype."""
+    sdtype = _stats_dtype(h.dtype)
+    rows = h.reshape(-1, h.shape[-1]).to(sdtype)
+    mean = rows.mean(dim=-1, keepdim=True)
+    centered = rows - mean
+    rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps)
+    y = centered * rstd
+    if weight is not None:
+        y = y * weight.to(sdtype)
+    if bias is not None:
+        y = y + bias.to(sdtype)
+    return y.to(h.dtype).view(h.shape), mean.view(-1), rstd.view(-1)
+
+
+def _layer_norm_bwd_plain(dy: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Tensor, rstd: Tensor):
+    """LayerNorm gradients in plain maths: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``
+    with ``g = dy * weight``; dweight ``sum(dy * xhat)``, dbias ``sum(dy)``."""
+    sdtype = _stats_dtype(h.dtype)
+    width = h.shape[-1]
+    rstd_col = rstd.to(sdtype).view(-1, 1)
+    xhat = (h.reshape(-1, width).to(sdtype) - mean.to(sdtype).view(-1, 1)) * rstd_col
+    grad = dy.reshape(-1, width).to(sdtype)
+    g = grad * weight.to(sdtype) if weight is not None else grad
+    dx = rstd_col * (g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    dweight = (grad * xhat).sum(dim=0) if weight is not None else None
+    dbias = grad.sum(dim=0) if bias is not None else None
+    return dx.to(h.dtype).view(h.shape), dweight, dbias
+
+
 def norm_fwd(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              residual: Optional[Tensor], eps: float):
     """Normalise ``x (..., N)`` (plus ``residual``) over its last dimension.
@@ -74,6 +110,9 @@ def norm_fwd(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if residual is not None:
         h = torch.add(x, residual).to(x.dtype).contiguous()  # one rounding to x's dtype
         inp = h
+    if op == LAYER_NORM and width < MIN_ATEN_LAYER_NORM_WIDTH:
+        y, mean, rstd = _layer_norm_fwd_plain(inp, weight, bias, eps)
+        return y, h, mean, rstd
     if op == LAYER_NORM:
         w = _param(weight, sdtype)
         if w is None and x.dtype != sdtype:
@@ -100,7 +139,9 @@ def norm_bwd(op: str, dy: Tensor, dh: Optional[Tensor], inp: Tensor, weight: Opt
     _check_op(op)
     width = inp.shape[-1]
     sdtype = _stats_dtype(inp.dtype)
-    if op == LAYER_NORM:
+    if op == LAYER_NORM and width < MIN_ATEN_LAYER_NORM_WIDTH:
+        dx, dweight, dbias = _layer_norm_bwd_plain(dy, inp, weight, bias, mean, rstd)
+    elif op == LAYER_NORM:
         stats_shape = (*inp.shape[:-1], 1)
         mean, rstd = mean.to(sdtype).view(stats_shape), rstd.to(sdtype).view(stats_shape)
         w, b = _param(weight, sdtype), _param(bias, sdtype)

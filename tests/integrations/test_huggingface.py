@@ -156,7 +156,10 @@ def test_gradients(model_name):
     checked = 0
     for name, param in eager.named_parameters():
         if param.grad is not None:
-            torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-4, atol=1e-5,
+            # fp32 on both sides, summed in different orders (the torch backend's attention
+            # runs ATen's flash kernel, or chunked maths with softcap): embedding gradients,
+            # sums over every token, move by up to ~2e-5 (gemma2 tied embeddings)
+            torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-4, atol=3e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
             checked += 1
     assert checked > 10

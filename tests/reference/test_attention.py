@@ -15,9 +15,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from fast_attn._dropout_hash import dropout_key, hash_counters
 from fast_attn.reference.attention import (
-    _dropout_hash,
-    _dropout_key,
     attention_ref,
     attention_varlen_ref,
     attention_with_kvcache_ref,
@@ -301,7 +300,7 @@ def test_dropout_hash_uses_high_counter_bits():
     """Counters past 2**32 (masks over 4G elements) hash their high word too."""
     counters = [2**32 - 1, 2**32, 2**32 + 1, 3 * 2**40 + 17, 2**62 + 2**31]
     seed = 99
-    hashed = _dropout_hash(_dropout_key(seed), torch.tensor(counters, dtype=torch.int64))
+    hashed = hash_counters(dropout_key(seed), torch.tensor(counters, dtype=torch.int64))
     assert hashed.tolist() == [hash_formula(seed, idx) for idx in counters]
     # Same low word, different high word: different hash.
     assert hash_formula(seed, 5) != hash_formula(seed, 2**32 + 5)
