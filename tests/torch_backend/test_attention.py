@@ -140,7 +140,8 @@ def qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, head_dim_v=
 def test_dense_fused(dtype, causal, seqlen_q, seqlen_k):
     q, k, v = qkv(2, seqlen_q, seqlen_k, 4, 4, 40, dtype)
     params = _params(40, causal=causal)
-    assert tb._use_fused(q, v, params, BiasGrads())
+    # fp64 runs the exact general path (ATen's CPU flash exponentials are approximate)
+    assert tb._use_fused(q, v, params, BiasGrads()) == (dtype != torch.float64)
     check(q, k, v, params)
 
 
@@ -216,7 +217,7 @@ def test_fully_masked_rows(dtype, general):
     mask[1, 0, 7:] = False
     # Causal with Sq > Sk: rows 0..7 see no key either.
     params = _params(40, causal=True, attn_mask=mask, softcap=10.0 if general else 0.0)
-    assert tb._use_fused(q, v, params, BiasGrads()) != general
+    assert tb._use_fused(q, v, params, BiasGrads()) == (not general and dtype != torch.float64)
     out, lse, (dq, dk, dv, _, _) = check(q, k, v, params)
     assert torch.all(out[:, :8] == 0) and torch.all(out[0, 3] == 0) and torch.all(out[1, 7:] == 0)
     assert torch.all(torch.isneginf(lse[:, :, :8]))
