@@ -24,12 +24,13 @@ OUTPUT_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 # Kernels accumulate in fp32. A gradient formed by cancellation (FlashAttention's
 # delta = rowsum(dO * O) against rowsum(P * dP)) keeps a few fp32 roundings that the
-# baseline, cancelling exactly, does not show: e.g. Sq = Sk = 1 in fp32, where dS is
-# exactly 0 but a flash backward is left with ~4 ulp of |dO||V| (our Triton kernel) and
-# ~12 (ATen's CPU flash kernel behind the torch backend, whose exponentials are a fast
-# approximation: 1.37e-6 at Sq=113, Sk=1, D=64). Gradients therefore get a floor of this
-# many fp32 ulps; it only matters for fp32 inputs.
-GRAD_FP32_FLOOR_ULPS = 16
+# baseline, cancelling exactly, does not show: a row with one visible key has dS exactly
+# 0, but a flash backward is left with a few ulps of |dO||V| per row, and dk sums them
+# over the rows that see the key: measured 16 ulps (Triton, fp32, Sq=203, Sk=113,
+# window (0, 0)) and 12 (ATen's CPU flash kernel behind the torch backend, Sq=Sk=17).
+# Gradients therefore get a floor of this many fp32 ulps of their magnitude (3.8e-6 at
+# magnitude 1, far below any real defect); it only matters for fp32 inputs.
+GRAD_FP32_FLOOR_ULPS = 32
 
 
 @dataclass(frozen=True)

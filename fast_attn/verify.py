@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     statuses = backends.available_backends()
     wanted = [b for b in args.backends.split(",") if b] or list(backends.BACKENDS)
     for name in wanted:
-        backends._check_name(name, allow_auto=False)
+        backends.check_name(name, allow_auto=False)
     names = [name for name in wanted if statuses[name]]
     on_gpu = torch.cuda.is_available()
     dtype_names = [d for d in args.dtype.split(",") if d] or (["bf16", "fp16"] if on_gpu else ["fp32", "bf16"])
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 device = _device_for(name, statuses[name], on_gpu)
                 ran, op_failures, op_start = 0, 0, time.perf_counter()
                 for case in op_cases:
-                    if backends._cannot(name, case.call(device.type), statuses) is not None:
+                    if backends.why_not(name, case.call(device.type), statuses) is not None:
                         continue
                     ok, ratio, detail = _check(case, name, device, args.seed)
                     ran += 1

@@ -162,20 +162,27 @@ def append_and_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
     name = choose(call, backend)
     new_len = 0 if k is None else k.shape[1]
     check_cache_seqlens_values(cache_seqlens, k_cache.shape[1], new_len)
-    seqlens_k = cache_seqlens
-    if k is not None:
-        batch = q.shape[0]
-        # one scatter per cache, in place, no host sync
-        positions = cache_seqlens.long()[:, None] + torch.arange(new_len, device=q.device)
-        rows = torch.arange(batch, device=q.device)[:, None]
-        k_cache[rows, positions] = k
-        v_cache[rows, positions] = v
-        seqlens_k = cache_seqlens + new_len
-    packing = Packing(CACHE, seqlens_k=None if seqlens_k is None else seqlens_k.to(torch.int32))
+    seqlens_k = append_to_cache(k_cache, v_cache, k, v, cache_seqlens)
+    packing = Packing(CACHE, seqlens_k=seqlens_k)
     if q.numel() == 0 or k_cache.shape[1] == 0:
         return _empty_fwd(q, packing)
     out, lse = kernel(name, FAMILY, "attention_fwd")(q, k_cache, v_cache, params, packing)
     return out.contiguous(), lse.float()
+
+
+def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                    cache_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """Writes k/v (B, S_new, Hkv, D) into the caches at rows [cache_seqlens[b], + S_new), in
+    place (one scatter per cache, no host sync); returns the keys per row after the append
+    (int32 (B,), None = the whole cache)."""
+    if k is None:
+        return None if cache_seqlens is None else cache_seqlens.to(torch.int32)
+    new_len = k.shape[1]
+    positions = cache_seqlens.long()[:, None] + torch.arange(new_len, device=k.device)
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    k_cache[rows, positions] = k
+    v_cache[rows, positions] = v
+    return (cache_seqlens + new_len).to(torch.int32)
 
 
 def check_cache_seqlens_values(cache_seqlens: Optional[Tensor], cache_len: int, new_len: int) -> None:

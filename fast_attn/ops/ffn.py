@@ -32,9 +32,16 @@ FAMILY = "ffn"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
 _EMPTY = (0,)
 
 
-def _call(op: str, x: Tensor, *, backward: bool, **flags: bool) -> backends.Call:
-    feats = backends.features(backward=backward, **flags)
-    return backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+_CALLS: dict = {}  # call summaries by their inputs (a handful per process), built once each
+
+
+def _call(op: str, x: Tensor, *, backward: bool, bias: bool = False, gelu_tanh: bool = False) -> backends.Call:
+    key = (op, x.device, x.dtype, backward, bias, gelu_tanh)
+    call = _CALLS.get(key)
+    if call is None:
+        feats = backends.features(backward=backward, bias=bias, gelu_tanh=gelu_tanh)
+        call = _CALLS[key] = backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+    return call
 
 
 def _empty_like(t: Tensor) -> Tensor:

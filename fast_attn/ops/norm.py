@@ -32,14 +32,16 @@ _EMPTY = (0,)  # shape of the placeholder returned for an absent optional output
 FAMILY = "norm"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
 
 
+_CALLS: dict = {}  # call summaries by their inputs (a handful per process), built once each
+
+
 def _call(op: str, x: Tensor, *, weight, bias, residual, backward: bool) -> backends.Call:
-    feats = backends.features(
-        weight=weight is not None,
-        bias=bias is not None,
-        residual=residual is not None,
-        backward=backward,
-    )
-    return backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+    key = (op, x.device, x.dtype, weight is not None, bias is not None, residual is not None, backward)
+    call = _CALLS.get(key)
+    if call is None:
+        feats = backends.features(weight=key[3], bias=key[4], residual=key[5], backward=backward)
+        call = _CALLS[key] = backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
+    return call
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""The CUDA attention backend (csrc/attention/ behind fast_attn/ops/_attention_cuda.py): what
+"""The CUDA attention backend (csrc/attention/ behind fast_attn/ops/cuda_attention.py): what
 is specific to it. The shared sweep (every backend, the default kernel family) is
 test_attention.py.
 
@@ -35,10 +35,10 @@ import fast_attn
 from fast_attn import _extension, backends
 from fast_attn import testing_cases as tc
 from fast_attn.backends import BackendStatus, Call
-from fast_attn.ops import _attention_cuda
+from fast_attn.cuda_backend import attention as cuda_attention
+from fast_attn.verified import Verified
 from fast_attn.ops import attention as attn_ops
 from fast_attn.ops import attention_kvcache as kvcache_ops
-from fast_attn.ops._reference_grad import reference_vjp
 from fast_attn.reference.attention import attention_ref, attention_varlen_ref, attention_with_kvcache_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close
 
@@ -158,7 +158,7 @@ def poison_allocator(*specs) -> None:
 
 def padded(shape) -> tuple:
     """A (..., D) shape with D padded to the compiled head dim the kernels run."""
-    return (*shape[:-1], _attention_cuda.padded_head_dim(shape[-1]))
+    return (*shape[:-1], cuda_attention.padded_head_dim(shape[-1]))
 
 
 def poison_for(q: torch.Tensor, k: torch.Tensor, lse_shape) -> None:
@@ -347,7 +347,7 @@ def raw_fwd_args(q, k, v, *, cu_q=None, cu_k=None, seqlens_k=None, max_q=0, max_
 @pytest.mark.gpu
 @needs_gpu
 def test_raw_ops_match_their_fake_functions(cuda_extension):
-    """torch.library.opcheck's schema and fake-tensor checks (fast_attn/ops/_cuda_fakes.py)
+    """torch.library.opcheck's schema and fake-tensor checks (fast_attn/cuda_backend/_fakes.py)
     on the dense, varlen and kv-cache forms and the backward."""
     utils = ("test_schema", "test_faketensor")
     ops = torch.ops.fast_attn
@@ -520,12 +520,12 @@ def test_auto_picks_cuda_for_supported_calls(cuda_extension, monkeypatch):
     (1, 64), (32, 64), (40, 64), (64, 64), (65, 128), (100, 128), (128, 128), (129, 256), (192, 256), (256, 256),
 ])
 def test_padded_head_dim(head_dim, expected):
-    assert _attention_cuda.padded_head_dim(head_dim) == expected
+    assert cuda_attention.padded_head_dim(head_dim) == expected
 
 
 def test_padded_head_dim_rejects_more_than_256():
     with pytest.raises(ValueError, match="head_dim must be at most 256 for the cuda backend, got 257"):
-        _attention_cuda.padded_head_dim(257)
+        cuda_attention.padded_head_dim(257)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -578,8 +578,18 @@ ROUTES = [
 @pytest.mark.parametrize(("op", "dtype", "head_dim", "features", "expected"), ROUTES,
                          ids=[f"{r[0]}-{str(r[1])[6:]}-d{r[2]}-{'+'.join(sorted(r[3])) or 'plain'}" for r in ROUTES])
 def test_select_backend_routes_the_cuda_attention(op, dtype, head_dim, features, expected):
-    call = Call(op, "cuda", dtype, frozenset(features), head_dim=head_dim)
-    assert backends.select_backend(call, "auto", GPU_MACHINE) == expected
+    """Where auto sends each call once the cuda attention families have their GPU record
+    on this architecture; without it (today) the cuda rows go to triton."""
+    call = Call(op, "cuda", dtype, frozenset(features), head_dim=head_dim, arch=H100)
+    assert backends.select_backend(call, "auto", GPU_MACHINE, verified=VERIFIED_ON_H100) == expected
+    unverified = "triton" if expected == "cuda" else expected
+    assert backends.select_backend(call, "auto", GPU_MACHINE, verified=()) == unverified
+
+
+H100 = (9, 0)
+# A record in which every cuda attention family has passed the GPU suite on an H100 (tests only).
+VERIFIED_ON_H100 = tuple(Verified("cuda", op, H100, "benchmarks/results/example/summary.md")
+                         for op in ("attention", "attention_varlen", "attention_with_kvcache"))
 
 
 def test_select_backend_auto_without_the_extension_is_triton():
@@ -617,7 +627,7 @@ class StandInKernels:
         self.calls = []
 
     def _check(self, kind, q, cu_q, cu_k, seqlens_k, softmax_scale, arch):
-        assert q.shape[-1] in _attention_cuda.COMPILED_HEAD_DIMS, f"head_dim {q.shape[-1]} reached the kernels"
+        assert q.shape[-1] in cuda_attention.COMPILED_HEAD_DIMS, f"head_dim {q.shape[-1]} reached the kernels"
         assert arch in (0, 1, 2)
         for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("seqlens_k", seqlens_k)):
             if t is not None:
@@ -652,24 +662,43 @@ class StandInKernels:
             return self._attend(q_, k_, v_, cu_q, cu_k, None, max_q, max_k, softmax_scale, causal, window_left,
                                 window_right, softcap)[0]
 
-        # below the autograd key (inside a custom op): reference_vjp lifts the exclusion
-        grads = reference_vjp(forward, [t.float() for t in (q, k, v)], [dout.float()])
+        grads = vjp_below_autograd(forward, [t.float() for t in (q, k, v)], dout.float())
         return tuple(g.to(q.dtype) for g in grads)
+
+
+def vjp_below_autograd(fn, inputs, dout):
+    """Gradients of ``fn(*inputs)`` from where a kernel runs: inside a custom op, below the
+    autograd dispatch key (the dispatcher excludes it, so enable_grad alone records
+    nothing), or in an autograd.Function's backward (grad mode off). Lifts both."""
+    key = torch._C.DispatchKey.AutogradFunctionality
+    was_excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            return torch.autograd.grad(fn(*leaves), leaves, dout, allow_unused=True)
+    finally:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, was_excluded)
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
     """The cuda backend made available for CPU tensors, running the stand-in kernels."""
+    from fast_attn import _extension
+
     kernels = StandInKernels()
-    monkeypatch.setattr(_attention_cuda, "_ops", lambda: kernels)
+    monkeypatch.setattr(cuda_attention, "ops", lambda: kernels)
+    monkeypatch.setattr(_extension, "load_extension", lambda: None)
     cpu_machine = {
         "cuda": BackendStatus(True, "stand-in kernels", frozenset({"cpu"})),
         "triton": BackendStatus(False, "not used here"),
-        "torch": BackendStatus(True, "pure PyTorch reference ops", frozenset({"cpu"})),
+        "torch": BackendStatus(True, "ATen ops", frozenset({"cpu"})),
     }
-    monkeypatch.setattr(backends, "available_backends", lambda: dict(cpu_machine))
+    monkeypatch.setattr(backends, "_statuses", lambda: cpu_machine)
     monkeypatch.delenv(ENV_ARCH, raising=False)
-    return kernels
+    backends.forget_statuses()  # no selection memoized with other statuses
+    yield kernels
+    backends.forget_statuses()
 
 
 def cpu_reference(fn, inputs, dout, upcast):
@@ -701,7 +730,7 @@ def test_op_layer_pads_head_dims_and_keeps_the_scale(stand_in, head_dim, layout)
 
     compare(NAMES, (out.detach(), lse.detach(), *grads), cpu_reference(reference, (q, k, v), dout, True),
             cpu_reference(reference, (q, k, v), dout, False), f"d{head_dim}")
-    padded_dim = _attention_cuda.padded_head_dim(head_dim)
+    padded_dim = cuda_attention.padded_head_dim(head_dim)
     assert [c["kind"] for c in stand_in.calls] == ["fwd", "bwd"]
     for call in stand_in.calls:
         assert call["head_dim"] == padded_dim and call["softmax_scale"] == pytest.approx(head_dim**-0.5)
@@ -774,4 +803,4 @@ def test_op_layer_kvcache_appends_in_place(stand_in, head_dim):
     compare(NAMES[:2], (out, lse), oracle, baseline, f"kvcache d{head_dim}")
     (call,) = stand_in.calls
     assert call["seqlens_k"] == [f + new_len for f in fills]
-    assert call["head_dim"] == _attention_cuda.padded_head_dim(head_dim)
+    assert call["head_dim"] == cuda_attention.padded_head_dim(head_dim)

@@ -38,7 +38,10 @@ if not (torch.cuda.is_available() or backends.triton_interpret_enabled()):
 
 import triton  # noqa: E402
 
+from fast_attn.ops._attention_core import append_to_cache  # noqa: E402
+from fast_attn.ops.attention_params import CACHE, DENSE_PACKING, AttentionParams, BiasGrads, Packing  # noqa: E402
 from fast_attn.triton_kernels import attention as triton_attention  # noqa: E402
+from fast_attn.triton_kernels._device import sm_count  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -59,15 +62,19 @@ def launch(kernel: str, *tensors, **options):
     o.update(options)
     if o["softmax_scale"] is None:
         o["softmax_scale"] = 1.0 / math.sqrt(tensors[1 if kernel == "bwd" else 0].shape[-1])
+    params = AttentionParams(
+        o["softmax_scale"], causal=o["causal"], window=tuple(o["window"]), softcap=o["softcap"],
+        dropout_p=o["dropout_p"], dropout_seed=o["seed"], deterministic=o["deterministic"],
+        attn_mask=o["attn_mask"], alibi_slopes=o["alibi_slopes"],
+    )
     if kernel == "kvcache_fwd":
-        return triton_attention.attention_with_kvcache_fwd(
-            *tensors, o["alibi_slopes"], o["causal"], o["softmax_scale"], o["window"], o["softcap"],
-            num_splits=o["num_splits"])
-    args = (o["attn_mask"], o["alibi_slopes"], o["seed"], o["causal"], o["softmax_scale"], o["window"],
-            o["softcap"], o["dropout_p"])
+        q, k_cache, v_cache, k, v, cache_seqlens = tensors
+        seqlens_k = append_to_cache(k_cache, v_cache, k, v, cache_seqlens)  # as the op does first
+        return triton_attention.attention_fwd(q, k_cache, v_cache, params, Packing(CACHE, seqlens_k=seqlens_k),
+                                              num_splits=o["num_splits"])
     if kernel == "fwd":
-        return triton_attention.attention_fwd(*tensors, *args)
-    return triton_attention.attention_bwd(*tensors, *args, o["deterministic"], o["mask_grad"], o["alibi_grad"])
+        return triton_attention.attention_fwd(*tensors, params, DENSE_PACKING)
+    return triton_attention.attention_bwd(*tensors, params, DENSE_PACKING, BiasGrads(o["mask_grad"], o["alibi_grad"]))
 
 
 def check(spec, **evaluate_options):
@@ -384,7 +391,7 @@ def test_gpu_autotuned(causal):
 def test_gpu_kvcache_split_heuristic():
     """One token over a long cache is split to fill the GPU; a full grid is not split."""
     device = torch.device(DEVICE)
-    sms = triton_attention._sm_count(device)
+    sms = sm_count(device)
     assert triton_attention._num_splits(8 * 8, 16384 // triton_attention.SPLIT_ALIGN, device) > 1
     assert triton_attention._num_splits(4 * sms, 16384 // triton_attention.SPLIT_ALIGN, device) == 1
 

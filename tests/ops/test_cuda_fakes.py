@@ -1,4 +1,4 @@
-"""The fake functions of the CUDA extension's raw ops (fast_attn/ops/_cuda_fakes.py), on CPU.
+"""The fake functions of the CUDA extension's raw ops (fast_attn/cuda_backend/_fakes.py), on CPU.
 
 Every op declared in csrc/ops.cpp must have a fake function, and each fake must give the
 shapes, dtypes and devices the op's ``*_ops.cpp`` allocates: checked here under
@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fast_attn import _extension
-from fast_attn.ops import _cuda_fakes
+from fast_attn.cuda_backend import _fakes as _cuda_fakes
 
 OPS_CPP = Path(__file__).resolve().parents[2] / "csrc" / "ops.cpp"
 

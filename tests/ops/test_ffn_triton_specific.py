@@ -103,8 +103,8 @@ def check_bias_gelu(x, bias, dy, approximate):
     clones = [t.clone() for t in (x, bias, dy) if t is not None]
 
     with nan_filled_outputs():
-        y = launch("bias_gelu_fwd", x, bias, tanh)
-        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, tanh)
+        y = launch("bias_gelu_fwd", x, bias, "tanh" if tanh else "none")
+        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, "tanh" if tanh else "none")
 
     for before, after in zip(clones, [t for t in (x, bias, dy) if t is not None]):
         assert torch.equal(before, after), "an input was written"
@@ -173,9 +173,9 @@ def test_bias_gelu_dbias_is_deterministic_over_many_slabs(dtype):
         bias = randn(1024, dtype=dtype)
         dy = randn(37, 1024, dtype=dtype)
         check_bias_gelu(x, bias, dy, "none")
-        first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, False)
+        first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, "none")
         for _ in range(2):
-            dx, dbias = launch("bias_gelu_bwd", dy, x, bias, False)
+            dx, dbias = launch("bias_gelu_bwd", dy, x, bias, "none")
             assert torch.equal(dbias, first_dbias) and torch.equal(dx, first_dx)
 
 
@@ -184,7 +184,7 @@ def test_bias_gelu_dbias_is_deterministic():
     bias = randn(7, dtype=torch.float32)
     dy = randn(1031, 7, dtype=torch.float32)
     check_bias_gelu(x, bias, dy, "tanh")
-    runs = [launch("bias_gelu_bwd", dy, x, bias, True)[1] for _ in range(3)]
+    runs = [launch("bias_gelu_bwd", dy, x, bias, "tanh")[1] for _ in range(3)]
     assert all(torch.equal(run, runs[0]) for run in runs)
 
 
@@ -214,10 +214,10 @@ def test_bias_gelu_empty_inputs_launch_nothing():
             patch.setattr(ffn, name, None)  # any launch would fail
         x = randn(0, 5, dtype=torch.float16)
         bias = randn(5, dtype=torch.float16)
-        assert launch("bias_gelu_fwd", x, bias, False).shape == (0, 5)
-        dx, dbias = launch("bias_gelu_bwd", x, x, bias, True)
+        assert launch("bias_gelu_fwd", x, bias, "none").shape == (0, 5)
+        dx, dbias = launch("bias_gelu_bwd", x, x, bias, "tanh")
         assert dx.shape == (0, 5) and torch.equal(dbias, torch.zeros_like(bias))
-        assert launch("bias_gelu_bwd", x, x, None, False)[1] is None
+        assert launch("bias_gelu_bwd", x, x, None, "none")[1] is None
         empty = randn(2, 0, 3, dtype=torch.float32)
         assert launch("glu_fwd", empty, empty, "silu").shape == (2, 0, 3)
         dgate, dup = launch("glu_bwd", empty, empty, empty, "gelu")
@@ -247,7 +247,7 @@ def test_gpu_dbias_is_deterministic(dtype):
     x = randn(8191, 4096, dtype=dtype, device="cuda")
     bias = randn(4096, dtype=dtype, device="cuda")
     dy = torch.randn_like(x)
-    first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, False)
+    first_dx, first_dbias = launch("bias_gelu_bwd", dy, x, bias, "none")
     for _ in range(9):
-        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, False)
+        dx, dbias = launch("bias_gelu_bwd", dy, x, bias, "none")
         assert torch.equal(dbias, first_dbias) and torch.equal(dx, first_dx)
