@@ -2,7 +2,10 @@
 # One-command set-up and the two jobs named in the README:
 #   bash scripts/dev.sh main   set up, verify every available backend against the reference,
 #                              then run the benchmark suite on the hardware present
-#   bash scripts/dev.sh test   set up, then run the test suite (GPU tests skip without a GPU)
+#   bash scripts/dev.sh test   set up, then run the test suite (GPU tests skip without a GPU),
+#                              then the op/compile/nn tests on torch 2.13 in .venv-torch2.13
+#                              (scripts/test_torch_compat.sh; only without extra arguments,
+#                              unless FAST_ATTN_TEST_COMPAT=1; FAST_ATTN_TEST_COMPAT=0 skips it)
 # Set-up creates .venv (reusing a preinstalled torch when the system Python has one, as on
 # a GPU machine without a package registry), installs what is missing, and installs
 # fast_attn in editable mode, building the CUDA extension when torch has CUDA and nvcc exists.
@@ -64,5 +67,13 @@ if [ "$job" = main ]; then
   "$PY" -m benchmarks "$@" || status=$?
   exit "$status"
 else
-  exec "$PY" -m pytest -q "$@"
+  status=0
+  "$PY" -m pytest -q "$@" || status=$?
+  # The second torch (scripts/test_torch_compat.sh: torch 2.13.0 in .venv-torch2.13): with
+  # the full suite (no extra arguments), or when FAST_ATTN_TEST_COMPAT=1; never when =0.
+  compat="${FAST_ATTN_TEST_COMPAT:-auto}"
+  if [ "$compat" = 1 ] || { [ "$compat" = auto ] && [ "$#" -eq 0 ]; }; then
+    TRANSFORMERS_PIN="$TRANSFORMERS_PIN" bash scripts/test_torch_compat.sh || status=$?
+  fi
+  exit "$status"
 fi
