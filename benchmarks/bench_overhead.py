@@ -594,7 +594,7 @@ def _machine_lines(result: Mapping) -> list[str]:
         + (f"; uncommitted changes in {', '.join(m['git_dirty_files'])}" if m.get("git_dirty_files") else "") + ")",
         f"threads: {m['threads_tiny']} for the tiny cases (torch.set_num_threads), {m['threads_encoder']} for the encoder",
         f"load average (1/5/15 min): {m['loadavg_start']} at start, {m['loadavg_end']} at end",
-        f"backends: " + "; ".join(f"{k} {'yes' if v['available'] else 'no'}" for k, v in result["backends"].items()),
+        "backends: " + "; ".join(f"{k} {'yes' if v['available'] else 'no'}" for k, v in result["backends"].items()),
         f"run: {settings['preset']} preset; tiny cases: {settings['samples']} samples of "
         f"{settings['calls_per_sample_range'][0]}-{settings['calls_per_sample_range'][1]} calls "
         f"(about {settings['sample_target_s'] * 1e3:.0f} ms each), after warm-up; encoder: "

@@ -38,6 +38,7 @@ from typing import Iterator, Mapping, NamedTuple, Optional
 import torch
 
 from fast_attn import verified as _verified
+from fast_attn.triton_kernels._device import interpret_enabled
 
 BACKENDS = ("cuda", "triton", "torch")
 AUTO = "auto"
@@ -190,9 +191,9 @@ def _getenv(name: str) -> Optional[str]:
     return None if raw is None else os.environ.decodevalue(raw)
 
 
-def triton_interpret_enabled() -> bool:
-    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
-    return (_getenv("TRITON_INTERPRET") or "0") != "0"
+# True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (one definition,
+# in the kernel layer; importing it imports no triton).
+triton_interpret_enabled = interpret_enabled
 
 
 def _torch_status() -> BackendStatus:

@@ -15,9 +15,20 @@ import os
 import torch
 
 
+# Read on every op call (the backend choice depends on it): CPython's underlying bytes
+# dict where it exists, since os.environ.get costs ~2 us of key encoding and decoding.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET") if hasattr(os.environ, "encodekey") else None
+
+
 def interpret_enabled() -> bool:
-    """True when TRITON_INTERPRET=1 (read per call: tests switch it)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when TRITON_INTERPRET=1 (read per call: tests switch it). Importing this
+    module imports no triton: fast_attn.backends asks it too."""
+    if _ENV_DATA is None or _INTERPRET_KEY is None:
+        raw = os.environ.get("TRITON_INTERPRET")
+    else:
+        raw = _ENV_DATA.get(_INTERPRET_KEY)
+    return raw is not None and raw not in ("", "0", b"", b"0")
 
 
 @functools.lru_cache(maxsize=None)

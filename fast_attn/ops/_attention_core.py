@@ -22,7 +22,6 @@ from fast_attn.ops._dispatch import choose, dispatch, kernel
 from fast_attn.ops._eager import EagerOp
 from fast_attn.ops.attention_params import (
     CACHE,
-    DENSE_PACKING,
     VARLEN,
     AttentionParams,
     BiasGrads,

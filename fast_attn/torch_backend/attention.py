@@ -43,7 +43,6 @@ The CUDA fused path has not run on a GPU in development (see tests/torch_backend
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple, Optional
 
 import torch

@@ -36,17 +36,8 @@ SPECS = tc.attention_specs(ON_GPU) + tc.varlen_specs(ON_GPU) + tc.kvcache_specs(
 
 
 def why_not(backend: str, case: tc.Case):
-    """None if ``backend`` can run ``case`` here, else why not (the skip reason).
-
-    (The one place to switch to ``fast_attn.backends.why_not`` once it exists.)"""
-    status = backends.available_backends()[backend]
-    if not status:
-        return f"the {backend} backend is unavailable here: {status.reason}"
-    capability = backends.CAPABILITIES[backend].get(case.op)
-    if capability is None:
-        return f"the {backend} backend has no {case.op} kernel"
-    missing = capability.why_not(case.call(device_for(backend)))
-    return None if missing is None else f"the {backend} backend's {case.op} does not support {missing}"
+    """None if ``backend`` can run ``case`` here when asked for by name, else why not (the skip reason)."""
+    return backends.why_not(backend, case.call(device_for(backend)))
 
 
 def device_for(backend: str) -> str:

@@ -33,17 +33,8 @@ SPECS = tc.norm_specs(ON_GPU)
 
 
 def why_not(backend: str, case: tc.Case):
-    """None if ``backend`` can run ``case`` here, else why not (the skip reason).
-
-    (The one place to switch to ``fast_attn.backends.why_not`` once it exists.)"""
-    status = backends.available_backends()[backend]
-    if not status:
-        return f"the {backend} backend is unavailable here: {status.reason}"
-    capability = backends.CAPABILITIES[backend].get(case.op)
-    if capability is None:
-        return f"the {backend} backend has no {case.op} kernel"
-    missing = capability.why_not(case.call(device_for(backend)))
-    return None if missing is None else f"the {backend} backend's {case.op} does not support {missing}"
+    """None if ``backend`` can run ``case`` here when asked for by name, else why not (the skip reason)."""
+    return backends.why_not(backend, case.call(device_for(backend)))
 
 
 def device_for(backend: str) -> str:
@@ -89,9 +80,12 @@ def ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
 def test_correctly_rounded(op, dtype, width, weight, backend):
     """y within half an ulp of the fp64 result, up to the fp32 arithmetic before the one
-    final rounding (a few fp32 ulps): a second rounding (e.g. a truncating fp32 -> bf16
-    conversion) shows as a whole ulp. Width 1 is RMSNorm's worst case: y = sign(x) (1 - d)
-    with d ~ eps / 2x^2, just below 1, where bf16's ulp is 2^-8."""
+    final rounding (a few fp32 ulps of the terms: y = xhat * w is formed from normalised
+    values of order 1, so a y near 0 after cancellation carries fp32 error of order 1, not
+    of |y|; ATen's LayerNorm shows 0.508 ulp at y = -0.003 in fp16): a second rounding
+    (e.g. a truncating fp32 -> bf16 conversion) shows as a whole ulp. Width 1 is RMSNorm's
+    worst case: y = sign(x) (1 - d) with d ~ eps / 2x^2, just below 1, where bf16's ulp
+    is 2^-8."""
     spec = tc.NormSpec(op, 512, width, str(dtype).replace("torch.", ""), weight=weight, bias=False)
     case = tc.build(spec)
     reason = why_not(backend, case)
@@ -101,7 +95,10 @@ def test_correctly_rounded(op, dtype, width, weight, backend):
     inputs = case.make(torch.device(device), torch.Generator().manual_seed(0))
     y = case.run(inputs, backend)["y"].double().cpu()
     exact = case.ref({k: v.double() for k, v in inputs.items()}, True)["y"].cpu()
-    slack = 8 * torch.finfo(torch.float32).eps * exact.abs()
+    terms = exact.abs().clamp(min=1.0)
+    if "weight" in inputs:
+        terms = terms * inputs["weight"].double().abs().max().clamp(min=1.0)
+    slack = 8 * torch.finfo(torch.float32).eps * terms
     excess = (y - exact).abs() - (0.5 * ulp(exact, dtype) + slack)
     worst = int(excess.argmax())
     assert float(excess.max()) <= 0, (
