@@ -108,7 +108,7 @@ def fwd(op: str, q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, packi
     call = call_summary(op, q, k, params)
     empty = (lambda: _empty_fwd(q, packing)) if q.numel() == 0 or _no_keys(k, packing) else None
     out, lse = dispatch(call, backend, FAMILY, "attention_fwd", empty, q, k, v, params, packing)
-    return out.contiguous(), lse.float()
+    return out.contiguous(), (lse if lse.dtype == torch.float32 else lse.float())
 
 
 def bias_grad_placeholders(params: AttentionParams, grads: BiasGrads, computed=(None, None)) -> tuple:
@@ -166,7 +166,7 @@ def append_and_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[T
     if q.numel() == 0 or k_cache.shape[1] == 0:
         return _empty_fwd(q, packing)
     out, lse = kernel(name, FAMILY, "attention_fwd")(q, k_cache, v_cache, params, packing)
-    return out.contiguous(), lse.float()
+    return out.contiguous(), (lse if lse.dtype == torch.float32 else lse.float())
 
 
 def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],

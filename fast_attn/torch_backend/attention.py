@@ -244,7 +244,9 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams, valid_k
         )
         lse = lse[:, :, : q.shape[1]]
     out = out.transpose(1, 2).contiguous()  # the kernels write (B, S, H, D) memory: no copy
-    lse = lse.to(_compute_dtype(q.dtype)).contiguous()
+    if lse.dtype != torch.float32:  # a no-op .to() still costs ~2 us per call
+        lse = lse.float()
+    lse = lse.contiguous()
     if fused.fully_masked is not None:
         rows = fused.fully_masked.expand(lse.shape)
         lse = lse.masked_fill(rows, NEG_INF)
