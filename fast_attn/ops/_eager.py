@@ -8,8 +8,8 @@ norm ops' schema of six arguments and four outputs. That is most of an op's host
 a small input, paid on every call.
 
 ``EagerOp`` wraps a custom op. When nothing needs the dispatcher (not inside torch.compile
-tracing, no torch function or dispatch mode, no functorch transform, every tensor a plain
-``torch.Tensor``) it runs the op's own implementation directly, or, when autograd must
+tracing or torch.jit.trace, no torch function or dispatch mode, no functorch transform,
+every tensor a plain ``torch.Tensor``) it runs the op's own implementation directly, or, when autograd must
 record the call, a ``torch.autograd.Function`` built from the same ``setup_context`` and
 ``backward`` that the custom op registers. Otherwise (compile, FakeTensor, opcheck,
 vmap, a counting TorchDispatchMode, tensor subclasses) it calls the custom op itself, so
@@ -35,7 +35,8 @@ def _route(args) -> int:
     subclasses), else _AUTOGRAD when autograd must record it, else _DIRECT."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the op
         return _DISPATCHER
     grad = False
     for a in args:  # one pass, no generator: this runs on every call
