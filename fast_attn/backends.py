@@ -155,7 +155,7 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
         "rms_norm": Capability(KERNEL_DTYPES, OP_FEATURES["rms_norm"]),
         # Tensor-core kernels: fp16/bf16 only. Dropout, ALiBi and attention masks are left
         # to Triton (auto routes such calls there). Head dims other than 64/128/256 are
-        # zero-padded by fast_attn/ops/_attention_cuda.py.
+        # zero-padded by fast_attn/cuda_backend/attention.py.
         "attention": Capability(ATTENTION_KERNEL_DTYPES, CUDA_ATTENTION_FEATURES, max_head_dim=256),
         "attention_varlen": Capability(ATTENTION_KERNEL_DTYPES, CUDA_ATTENTION_FEATURES, max_head_dim=256),
         "attention_with_kvcache": Capability(
