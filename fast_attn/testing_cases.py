@@ -1188,3 +1188,94 @@ def nan_poisoned():
             torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
     return poisoned()
+
+
+# -------------------------------------------------------------- for the test modules
+
+BACKEND_NAMES = ("torch", "triton", "cuda")  # what the per-op test modules parametrize over
+_DOT_OPS = ("attention", "attention_varlen", "attention_with_kvcache")  # kernels with tl.dot
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's cases run in the tests: the GPU when there is one, else the CPU
+    (the triton backend through the interpreter there)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_reason(case: Case, backend: str) -> Optional[str]:
+    """None if ``case`` runs on ``backend`` in this test session, else why not: a GPU-sized
+    case without a GPU, a backend that cannot serve it here (``backends.why_not``), or a
+    Triton case the interpreter leaves to a GPU (bf16 dots: the interpreter multiplies
+    raw bf16 bits in tl.dot; the non-quick cases: too slow there)."""
+    import torch
+
+    from fast_attn import backends
+
+    on_gpu = torch.cuda.is_available()
+    if case.gpu and not on_gpu:
+        return "a GPU-sized case"
+    reason = backends.why_not(backend, case.call(device_for(backend)))
+    if reason or backend != "triton" or on_gpu:
+        return reason
+    if case.op in _DOT_OPS and case.dtype == torch.bfloat16:
+        return "bf16 attention only on a GPU (the interpreter multiplies raw bf16 bits in tl.dot)"
+    if not case.quick:
+        return "the interpreter runs the quick cases; this one runs on a GPU"
+    return None
+
+
+def pytest_params(specs) -> list:
+    """The specs as pytest parameters: built cases, their labels as ids, GPU sweeps marked."""
+    import pytest
+
+    return [pytest.param(build(spec), id=label(spec), marks=[pytest.mark.gpu] if spec.gpu else [])
+            for spec in specs]
+
+
+def norm_reference_run(op: str, inputs, dy, dh, eps: float, upcast: bool):
+    """Outputs and gradients (of each of ``inputs`` = x, weight, bias, residual; None for an
+    absent one) of the reference norm, by autograd: on fp64 copies when ``upcast`` (the
+    oracle), in the input dtypes otherwise (the baseline)."""
+    import torch
+
+    from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref
+
+    leaves = [
+        None if t is None else (t.detach().double() if upcast else t.detach().clone()).requires_grad_()
+        for t in inputs
+    ]
+    x, weight, bias, residual = leaves
+    if op == "layer_norm":
+        out = layer_norm_ref(x, weight, bias, eps, residual, upcast=upcast)
+    else:
+        out = rms_norm_ref(x, weight, eps, residual, upcast=upcast)
+    outs, cotangents = [out.y], [dy.to(out.y.dtype)]
+    if out.h is not None:
+        outs.append(out.h)
+        cotangents.append(dh.to(out.h.dtype))
+    present = [t for t in leaves if t is not None]
+    found = iter(torch.autograd.grad(outs, present, cotangents))
+    grads = [None if t is None else next(found) for t in leaves]
+    return out._replace(**{k: v.detach() for k, v in out._asdict().items() if v is not None}), grads
+
+
+def assert_rounded_sum(h, x, residual, name: str) -> None:
+    """h is x + residual added in fp32 and rounded to nearest even in x's dtype, like the reference's."""
+    assert bool((h == (x.float() + residual.float()).to(x.dtype)).all()), f"{name}: h is not the rounded fp32 sum"
+
+
+def glu_reference(gate, up, dy, approximate: Optional[str], upcast: bool = True):
+    """(y, dgate, dup) of swiglu_ref (approximate None) or geglu_ref; gradients by autograd."""
+    import torch
+
+    from fast_attn.reference.ffn import geglu_ref, swiglu_ref
+
+    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    if approximate is None:
+        y = swiglu_ref(gate, up, upcast=upcast)
+    else:
+        y = geglu_ref(gate, up, approximate, upcast=upcast)
+    dgate, dup = torch.autograd.grad(y, [gate, up], dy)
+    return y.detach(), dgate, dup

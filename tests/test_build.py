@@ -381,15 +381,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FLOOR = {torch.float16: 5e-4, torch.bfloat16: 4e-3, torch.float32: 1e-6}
 
 
-@pytest.fixture(scope="module")
-def cuda_ops():
-    try:
-        _extension.load_extension()
-    except _extension.ExtensionUnavailable as exc:
-        pytest.skip(f"CUDA extension unavailable: {exc}")
-    return torch.ops.fast_attn
-
-
 def poison_allocator(like: torch.Tensor) -> None:
     """Free a NaN-filled block of like's size so the next allocation likely reuses it."""
     torch.full_like(like, float("nan"))

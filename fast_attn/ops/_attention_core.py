@@ -219,8 +219,8 @@ def bias_grads_wanted(needs_input_grad: Sequence[bool], mask_index: int, attn_ma
     return BiasGrads(bool(mask), bool(needs_input_grad[mask_index + 1]))
 
 
-def refuse_unserved_backward(op: str, q: Tensor, k: Tensor, params: AttentionParams, grads: BiasGrads,
-                             backend: str) -> None:
+def refuse_unserved_backward(op: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                             alibi_slopes: Optional[Tensor], options: ScalarOptions, grads: BiasGrads) -> None:
     """An explicitly requested backend that cannot run this call's backward is refused at
     the forward (from setup_context, as autograd records the call), not after it.
 
@@ -228,9 +228,11 @@ def refuse_unserved_backward(op: str, q: Tensor, k: Tensor, params: AttentionPar
     chosen when the compiled graph runs, so a traced call is checked by its backward op."""
     if not isinstance(q.shape[-1], int):
         return
-    requested = backends.requested_backend(backend)
-    if requested != backends.AUTO:
-        backends.resolve_backend(call_summary(op, q, k, params, backward=True, grads=grads), requested)
+    requested = backends.requested_backend(options.backend)
+    if requested == backends.AUTO:
+        return  # auto falls back by itself
+    params = params_from_schema(attn_mask, alibi_slopes, None, *options[:-1])
+    backends.resolve_backend(call_summary(op, q, k, params, backward=True, grads=grads), requested)
 
 
 def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> tuple[EagerOp, EagerOp]:
@@ -262,8 +264,7 @@ def register(fwd_op, bwd_op, op: str, kind: str, packing_arity: int) -> tuple[Ea
         scalars = inputs[bias_at + 3:]
         ctx.options = ScalarOptions(*scalars)
         ctx.grads = bias_grads_wanted(ctx.needs_input_grad, bias_at, attn_mask)
-        params = params_from_schema(attn_mask, alibi_slopes, None, *scalars[:-1])
-        refuse_unserved_backward(op, q, k, params, ctx.grads, ctx.options.backend)
+        refuse_unserved_backward(op, q, k, attn_mask, alibi_slopes, ctx.options, ctx.grads)
         # tensors go through save_for_backward; plain ints (max_seqlen) stay on ctx
         ctx.packing_args = [None if isinstance(a, Tensor) else a for a in packing_args]
         packing_tensors = [a for a in packing_args if isinstance(a, Tensor)]

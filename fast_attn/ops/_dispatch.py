@@ -28,6 +28,20 @@ _MODULES = {
 _kernels: dict = {}
 
 
+_CALLS: dict = {}  # call summaries by their inputs (a few dozen per process), built once each
+
+
+def call_summary(op: str, t, **flags: bool) -> backends.Call:
+    """The ``backends.Call`` of an op on tensor ``t`` with the given feature flags
+    (memoized: a call site passes its flags in one fixed order)."""
+    key = (op, t.device, t.dtype, *flags.values())
+    call = _CALLS.get(key)
+    if call is None:
+        call = _CALLS[key] = backends.Call(op, t.device.type, t.dtype, backends.features(**flags),
+                                           arch=backends.device_arch(t.device))
+    return call
+
+
 def kernel(backend: str, family: str, name: str) -> Callable:
     """Backend ``backend``'s function ``name`` of op family ``family`` (imported once)."""
     key = (backend, family, name)

@@ -24,24 +24,12 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _checks
-from fast_attn.ops._dispatch import dispatch
+from fast_attn.ops._dispatch import call_summary, dispatch
 from fast_attn.ops._eager import EagerOp
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 FAMILY = "ffn"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
 _EMPTY = (0,)
-
-
-_CALLS: dict = {}  # call summaries by their inputs (a handful per process), built once each
-
-
-def _call(op: str, x: Tensor, *, backward: bool, bias: bool = False, gelu_tanh: bool = False) -> backends.Call:
-    key = (op, x.device, x.dtype, backward, bias, gelu_tanh)
-    call = _CALLS.get(key)
-    if call is None:
-        feats = backends.features(backward=backward, bias=bias, gelu_tanh=gelu_tanh)
-        call = _CALLS[key] = backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
-    return call
 
 
 def _empty_like(t: Tensor) -> Tensor:
@@ -53,7 +41,7 @@ def _empty_like(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("fast_attn::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
-    call = _call("bias_gelu", x, backward=False, bias=bias is not None, gelu_tanh=approximate == "tanh")
+    call = call_summary("bias_gelu", x, backward=False, bias=bias is not None, gelu_tanh=approximate == "tanh")
     empty = (lambda: _empty_like(x)) if x.numel() == 0 else None
     return dispatch(call, backend, FAMILY, "bias_gelu_fwd", empty, x, bias, approximate).contiguous()
 
@@ -68,7 +56,7 @@ def bias_gelu_bwd(
     dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(dx, dbias); dbias is empty when bias is None."""
-    call = _call("bias_gelu", x, backward=True, bias=bias is not None, gelu_tanh=approximate == "tanh")
+    call = call_summary("bias_gelu", x, backward=True, bias=bias is not None, gelu_tanh=approximate == "tanh")
     if x.numel() == 0:
         def empty():
             return _empty_like(x), (torch.zeros_like(bias) if bias is not None else None)
@@ -106,14 +94,14 @@ _GLU_ACTIVATION = {None: "silu", "none": "gelu", "tanh": "gelu_tanh"}
 
 
 def _glu_fwd(op, gate, up, approximate, backend):
-    call = _call(op, gate, backward=False, gelu_tanh=approximate == "tanh")
+    call = call_summary(op, gate, backward=False, gelu_tanh=approximate == "tanh")
     empty = (lambda: _empty_like(gate)) if gate.numel() == 0 else None
     y = dispatch(call, backend, FAMILY, "glu_fwd", empty, gate, up, _GLU_ACTIVATION[approximate])
     return y.contiguous()
 
 
 def _glu_bwd(op, dy, gate, up, approximate, backend):
-    call = _call(op, gate, backward=True, gelu_tanh=approximate == "tanh")
+    call = call_summary(op, gate, backward=True, gelu_tanh=approximate == "tanh")
     empty = (lambda: (_empty_like(gate), _empty_like(up))) if gate.numel() == 0 else None
     dgate, dup = dispatch(call, backend, FAMILY, "glu_bwd", empty, dy, gate, up, _GLU_ACTIVATION[approximate])
     return dgate.contiguous(), dup.contiguous()

@@ -25,23 +25,11 @@ from torch import Tensor
 
 from fast_attn import backends
 from fast_attn.ops import _checks
-from fast_attn.ops._dispatch import dispatch
+from fast_attn.ops._dispatch import call_summary, dispatch
 from fast_attn.ops._eager import EagerOp
 
 _EMPTY = (0,)  # shape of the placeholder returned for an absent optional output
 FAMILY = "norm"  # the backend modules' family name (fast_attn/ops/_dispatch.py)
-
-
-_CALLS: dict = {}  # call summaries by their inputs (a handful per process), built once each
-
-
-def _call(op: str, x: Tensor, *, weight, bias, residual, backward: bool) -> backends.Call:
-    key = (op, x.device, x.dtype, weight is not None, bias is not None, residual is not None, backward)
-    call = _CALLS.get(key)
-    if call is None:
-        feats = backends.features(weight=key[3], bias=key[4], residual=key[5], backward=backward)
-        call = _CALLS[key] = backends.Call(op, x.device.type, x.dtype, feats, arch=backends.device_arch(x.device))
-    return call
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +46,8 @@ def _rows(x: Tensor) -> int:
 
 def _norm_fwd(op: str, x, weight, bias, residual, eps, backend):
     """(y, h or empty, mean or empty, rstd) from the backend chosen for this call."""
-    call = _call(op, x, weight=weight, bias=bias, residual=residual, backward=False)
+    call = call_summary(op, x, weight=weight is not None, bias=bias is not None,
+                        residual=residual is not None, backward=False)
     empty = (lambda: _norm_fwd_fake(op, x, weight, bias, residual, eps)) if x.numel() == 0 else None
     y, h, mean, rstd = dispatch(call, backend, FAMILY, "norm_fwd", empty, op, x, weight, bias, residual, eps)
     # Outputs are contiguous whatever x's layout (the fake function promises it), and absent
@@ -120,7 +109,8 @@ def _(x, weight, residual, eps, backend):
 
 def _norm_bwd(op, dy, dh, inp, weight, bias, mean, rstd, eps, backend):
     """(dx, dweight or empty, dbias or empty); dx includes dh, the gradient flowing into h."""
-    call = _call(op, inp, weight=weight, bias=bias, residual=dh is not None, backward=True)
+    call = call_summary(op, inp, weight=weight is not None, bias=bias is not None,
+                        residual=dh is not None, backward=True)
     if inp.numel() == 0:
         def empty():
             zeros = (torch.zeros_like(p) if p is not None else None for p in (weight, bias))

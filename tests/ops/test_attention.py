@@ -27,32 +27,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fast_attn import backends
 from fast_attn import testing_cases as tc
 
-BACKENDS = ("torch", "triton", "cuda")
 ON_GPU = torch.cuda.is_available()
 SPECS = tc.attention_specs(ON_GPU) + tc.varlen_specs(ON_GPU) + tc.kvcache_specs(ON_GPU)
-
-
-def why_not(backend: str, case: tc.Case):
-    """None if ``backend`` can run ``case`` here when asked for by name, else why not (the skip reason)."""
-    return backends.why_not(backend, case.call(device_for(backend)))
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if ON_GPU else "cpu"
-
-
-def interpreter_skip(case: tc.Case, backend: str):
-    """The triton cases the interpreter leaves to a GPU."""
-    if backend != "triton" or ON_GPU:
-        return None
-    if case.dtype == torch.bfloat16:
-        return "bf16 attention only on a GPU (the interpreter multiplies raw bf16 bits in tl.dot)"
-    if not case.quick:
-        return "the interpreter runs the quick cases; this one runs on a GPU"
-    return None
 
 
 @pytest.fixture
@@ -87,23 +65,16 @@ def pin_triton_tiles(monkeypatch):
     return pin
 
 
-def case_params(specs):
-    return [pytest.param(tc.build(spec), id=tc.label(spec), marks=[pytest.mark.gpu] if spec.gpu else [])
-            for spec in specs]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", case_params(SPECS))
+@pytest.mark.parametrize("backend", tc.BACKEND_NAMES)
+@pytest.mark.parametrize("case", tc.pytest_params(SPECS))
 def test_matches_reference(case, backend, pin_triton_tiles):
-    if case.gpu and not ON_GPU:
-        pytest.skip("a GPU-sized case")
-    reason = why_not(backend, case) or interpreter_skip(case, backend)
+    reason = tc.skip_reason(case, backend)
     if reason:
         pytest.skip(reason)
     if backend == "triton":
         pin_triton_tiles(case)
     with tc.nan_poisoned():
-        result = tc.evaluate(case, backend, device_for(backend))
+        result = tc.evaluate(case, backend, tc.device_for(backend))
     assert result, f"{case.label} on {backend}: {result.report()}"
 
 

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import fast_attn
-from fast_attn import _extension, backends
+from fast_attn import backends
 from fast_attn import testing_cases as tc
 from fast_attn.backends import BackendStatus, Call
 from fast_attn.cuda_backend import attention as cuda_attention
@@ -57,12 +57,8 @@ SOFTCAP = 30.0
 
 
 @pytest.fixture(scope="module")
-def cuda_extension():
-    """Loads fast_attn._C (or JIT-builds it); skips the test when it cannot."""
-    try:
-        _extension.load_extension()
-    except _extension.ExtensionUnavailable as exc:
-        pytest.skip(f"CUDA extension unavailable: {exc}")
+def cuda_extension(cuda_ops):
+    """fast_attn._C loaded (tests/conftest.py) and the cuda backend usable; skips otherwise."""
     status = backends.available_backends()["cuda"]
     if not status:
         pytest.skip(f"cuda backend unavailable: {status.reason}")

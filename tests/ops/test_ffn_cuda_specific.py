@@ -22,9 +22,8 @@ import pytest
 import torch
 
 import fast_attn
-from fast_attn import _extension
-from fast_attn.reference.ffn import geglu_ref, swiglu_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close
+from fast_attn import testing_cases as tc  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,15 +39,6 @@ GATE_SCALE = 2.0
 MAX_GRID_Y = 65535
 
 
-@pytest.fixture(scope="module")
-def cuda_ops():
-    try:
-        _extension.load_extension()
-    except _extension.ExtensionUnavailable as exc:
-        pytest.skip(f"CUDA extension unavailable: {exc}")
-    return torch.ops.fast_attn
-
-
 # ------------------------------------------------------------------------- helpers
 
 
@@ -62,17 +52,6 @@ def recycle_nan_blocks(like: torch.Tensor, count: int) -> None:
     them to the op's next allocations of that size, so elements it never writes stay NaN."""
     blocks = [torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device) for _ in range(count)]
     del blocks
-
-
-def glu_reference(gate, up, dy, approximate, upcast=True):
-    """(y, dgate, dup) of swiglu_ref (approximate None) or geglu_ref; gradients by autograd."""
-    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-    if approximate is None:
-        y = swiglu_ref(gate, up, upcast=upcast)
-    else:
-        y = geglu_ref(gate, up, approximate, upcast=upcast)
-    dgate, dup = torch.autograd.grad(y, [gate, up], dy)
-    return y.detach(), dgate, dup
 
 
 def public_glu(gate, up, dy, activation):
@@ -101,8 +80,8 @@ def raw_glu(ops, gate, up, dy, activation):
 def check_glu(gate, up, dy, activation, run=public_glu):
     """``run``'s forward and gradients against the reference; inputs must be unchanged."""
     approximate = ACTIVATIONS[activation]
-    oracle = glu_reference(gate.double(), up.double(), dy.double(), approximate)
-    baseline = glu_reference(gate, up, dy, approximate, upcast=False)
+    oracle = tc.glu_reference(gate.double(), up.double(), dy.double(), approximate)
+    baseline = tc.glu_reference(gate, up, dy, approximate, upcast=False)
     clones = [t.clone() for t in (gate, up, dy)]
 
     y, dgate, dup = run(gate, up, dy, activation)

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from fast_attn import backends
-from fast_attn.reference.ffn import bias_gelu_ref, geglu_ref, swiglu_ref
+from fast_attn.reference.ffn import bias_gelu_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close
+from fast_attn import testing_cases as tc  # noqa: E402
 
 ffn = pytest.importorskip("fast_attn.triton_kernels.ffn", reason="triton is not installed")
 
@@ -80,17 +81,6 @@ def bias_gelu_reference(x, bias, dy, approximate, upcast=True):
     return y.detach(), grads[0], (grads[1] if bias is not None else None)
 
 
-def glu_reference(gate, up, dy, approximate, upcast=True):
-    """(y, dgate, dup) of swiglu_ref (approximate None) or geglu_ref, gradients by autograd."""
-    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-    if approximate is None:
-        y = swiglu_ref(gate, up, upcast=upcast)
-    else:
-        y = geglu_ref(gate, up, approximate, upcast=upcast)
-    dgate, dup = torch.autograd.grad(y, [gate, up], dy)
-    return y.detach(), dgate, dup
-
-
 def double(t):
     return None if t is None else t.double()
 
@@ -122,8 +112,8 @@ def check_bias_gelu(x, bias, dy, approximate):
 def check_glu(gate, up, dy, activation):
     """glu_fwd/glu_bwd against swiglu_ref/geglu_ref; inputs must come back unchanged."""
     approximate = GLU_ACTIVATIONS[activation]
-    oracle = glu_reference(gate.double(), up.double(), dy.double(), approximate)
-    baseline = glu_reference(gate, up, dy, approximate, upcast=False)
+    oracle = tc.glu_reference(gate.double(), up.double(), dy.double(), approximate)
+    baseline = tc.glu_reference(gate, up, dy, approximate, upcast=False)
     clones = [t.clone() for t in (gate, up, dy)]
 
     with nan_filled_outputs():

@@ -24,45 +24,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fast_attn import backends
 from fast_attn import testing_cases as tc
 
-BACKENDS = ("torch", "triton", "cuda")
 ON_GPU = torch.cuda.is_available()
 SPECS = tc.norm_specs(ON_GPU)
 
 
-def why_not(backend: str, case: tc.Case):
-    """None if ``backend`` can run ``case`` here when asked for by name, else why not (the skip reason)."""
-    return backends.why_not(backend, case.call(device_for(backend)))
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if ON_GPU else "cpu"
-
-
-def interpreter_skip(case: tc.Case, backend: str):
-    """The triton cases the interpreter leaves to a GPU (too slow there)."""
-    if backend == "triton" and not ON_GPU and not case.quick:
-        return "the interpreter runs the quick cases; this one runs on a GPU"
-    return None
-
-
-def case_params(specs):
-    return [pytest.param(tc.build(spec), id=tc.label(spec), marks=[pytest.mark.gpu] if spec.gpu else [])
-            for spec in specs]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", case_params(SPECS))
+@pytest.mark.parametrize("backend", tc.BACKEND_NAMES)
+@pytest.mark.parametrize("case", tc.pytest_params(SPECS))
 def test_matches_reference(case, backend):
-    if case.gpu and not ON_GPU:
-        pytest.skip("a GPU-sized case")
-    reason = why_not(backend, case) or interpreter_skip(case, backend)
+    reason = tc.skip_reason(case, backend)
     if reason:
         pytest.skip(reason)
     with tc.nan_poisoned():
-        result = tc.evaluate(case, backend, device_for(backend))
+        result = tc.evaluate(case, backend, tc.device_for(backend))
     assert result, f"{case.label} on {backend}: {result.report()}"
 
 
@@ -73,7 +48,7 @@ def ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return finfo.eps * binade
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", tc.BACKEND_NAMES)
 @pytest.mark.parametrize("weight", [False, True], ids=["plain", "weight"])
 @pytest.mark.parametrize("width", [1, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -88,10 +63,10 @@ def test_correctly_rounded(op, dtype, width, weight, backend):
     is 2^-8."""
     spec = tc.NormSpec(op, 512, width, str(dtype).replace("torch.", ""), weight=weight, bias=False)
     case = tc.build(spec)
-    reason = why_not(backend, case)
+    reason = tc.skip_reason(case, backend)
     if reason:
         pytest.skip(reason)
-    device = device_for(backend)
+    device = tc.device_for(backend)
     inputs = case.make(torch.device(device), torch.Generator().manual_seed(0))
     y = case.run(inputs, backend)["y"].double().cpu()
     exact = case.ref({k: v.double() for k, v in inputs.items()}, True)["y"].cpu()

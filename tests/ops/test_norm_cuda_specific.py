@@ -24,7 +24,6 @@ without CUDA or without the extension.
 import pytest
 import torch
 
-from fast_attn import _extension
 from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close, compare
 
@@ -41,15 +40,6 @@ EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 # 8192: vectorised register path; 12345 and 65536: past the backward's register path
 # (8192 halves), 65536 past the forward's (16384 halves).
 WIDTHS = (1, 7, 33, 1000, 1024, 4096, 8192, 12345, 65536)
-
-
-@pytest.fixture(scope="module")
-def ops():
-    try:
-        _extension.load_extension()
-    except _extension.ExtensionUnavailable as exc:
-        pytest.skip(f"CUDA extension unavailable: {exc}")
-    return torch.ops.fast_attn
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,25 +123,25 @@ def assert_rounded_sum(h, x, residual, name):
     assert bool((h == (x.float() + residual.float()).to(x.dtype)).all()), f"{name}: h is not the rounded fp32 sum"
 
 
-def run_cuda(ops, op, x, w, b, r, dy, dh):
+def run_cuda(cuda_ops, op, x, w, b, r, dy, dh):
     """The raw ops, forward then backward (on h with a residual), with poisoned memory."""
     rms = op == "rms_norm"
     rows = x.numel() // x.shape[-1]
     width = x.shape[-1]
     poison((x.shape, x.dtype), (x.shape, x.dtype), ((rows,), torch.float32), ((rows,), torch.float32))
-    y, h, mean, rstd = ops.cuda_norm_fwd(x, r, w, b, EPS[op], rms)
+    y, h, mean, rstd = cuda_ops.cuda_norm_fwd(x, r, w, b, EPS[op], rms)
     pdtype = w.dtype if w is not None else x.dtype
     poison((x.shape, x.dtype), ((width,), pdtype), ((width,), pdtype), ((64 * rows + 2 * 132 * width,), torch.float32))
     inp = h if r is not None else x
-    dx, dw, db = ops.cuda_norm_bwd(dy, dh, inp, w, mean, rstd, rms, b is not None)
+    dx, dw, db = cuda_ops.cuda_norm_bwd(dy, dh, inp, w, mean, rstd, rms, b is not None)
     return y, h, mean, rstd, dx, dw, db
 
 
-def check_raw(ops, op, rows, width, dtype, **options):
+def check_raw(cuda_ops, op, rows, width, dtype, **options):
     """Raw forward and backward on fresh inputs: every output against the oracle."""
     x, w, b, r, dy, dh = make_inputs(op, rows, width, dtype, **options)
     clones = [None if t is None else t.clone() for t in (x, w, b, r, dy, dh)]
-    y, h, mean, rstd, dx, dw, db = run_cuda(ops, op, x, w, b, r, dy, dh)
+    y, h, mean, rstd, dx, dw, db = run_cuda(cuda_ops, op, x, w, b, r, dy, dh)
     name = f"{op} rows={rows} width={width} {dtype} {options}"
     check_outputs(op, (x, w, b, r), dy, dh, (y, h, mean, rstd), (dx, dw, db), name)
     for before, after in zip(clones, (x, w, b, r, dy, dh)):
@@ -211,8 +201,8 @@ def check_outputs(op, inputs, dy, dh, fwd, bwd, name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_all_options(ops, op, width, dtype):
-    check_raw(ops, op, 37 if width < 65536 else 7, width, dtype)
+def test_raw_ops_all_options(cuda_ops, op, width, dtype):
+    check_raw(cuda_ops, op, 37 if width < 65536 else 7, width, dtype)
 
 
 OPTION_SETS = {
@@ -229,8 +219,8 @@ OPTION_CASES = [(op, k) for op in OPS for k, o in OPTION_SETS.items() if op == "
 @pytest.mark.parametrize("width", [33, 1024, 8200, 16392])
 @pytest.mark.parametrize("rows", [1, 37])
 @pytest.mark.parametrize("op, options", OPTION_CASES, ids=[f"{op}-{k}" for op, k in OPTION_CASES])
-def test_raw_ops_optional_inputs(ops, op, options, rows, width):
-    check_raw(ops, op, rows, width, torch.bfloat16, **OPTION_SETS[options])
+def test_raw_ops_optional_inputs(cuda_ops, op, options, rows, width):
+    check_raw(cuda_ops, op, rows, width, torch.bfloat16, **OPTION_SETS[options])
 
 
 # Each side of each schedule threshold: forward register path up to 2048 chunks (16384
@@ -244,26 +234,26 @@ THRESHOLD_WIDTHS = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_schedule_thresholds(ops, op, dtype):
+def test_raw_ops_schedule_thresholds(cuda_ops, op, dtype):
     for width in THRESHOLD_WIDTHS[dtype]:
-        check_raw(ops, op, 37, width, dtype)
+        check_raw(cuda_ops, op, 37, width, dtype)
 
 
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "unviewable"])
 @pytest.mark.parametrize("width", [7, 1000, 1024, 4096, 12345])
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_strided_rows(ops, op, width, layout):
+def test_raw_ops_strided_rows(cuda_ops, op, width, layout):
     dtype = torch.float32 if width == 4096 else torch.float16
-    check_raw(ops, op, 37, width, dtype, layout=layout)
+    check_raw(cuda_ops, op, 37, width, dtype, layout=layout)
 
 
 @pytest.mark.parametrize(
     "rows, width", [(0, 7), (1, 1024), (37, 1024), (16384, 1024), (16384, 4096), (4099, 8192), (257, 65536)]
 )
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_row_counts(ops, op, rows, width):
+def test_raw_ops_row_counts(cuda_ops, op, rows, width):
     """From no row at all to more rows than the persistent backward grid has teams."""
-    check_raw(ops, op, rows, width, torch.bfloat16)
+    check_raw(cuda_ops, op, rows, width, torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -274,36 +264,36 @@ def test_raw_ops_row_counts(ops, op, rows, width):
 )
 @pytest.mark.parametrize("width", [1000, 1024, 12345])
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_mixed_parameter_dtypes(ops, op, width, dtype, param_dtype):
+def test_raw_ops_mixed_parameter_dtypes(cuda_ops, op, width, dtype, param_dtype):
     """weight/bias in another float dtype than x: read in fp32; dweight in the weight's dtype."""
     x, w, b, r, dy, dh = make_inputs(op, 37, width, dtype, param_dtype=param_dtype)
-    fwd_bwd = run_cuda(ops, op, x, w, b, r, dy, dh)
+    fwd_bwd = run_cuda(cuda_ops, op, x, w, b, r, dy, dh)
     assert fwd_bwd[5].dtype == param_dtype and fwd_bwd[6].dtype == param_dtype
     check_outputs(op, (x, w, b, r), dy, dh, fwd_bwd[:4], fwd_bwd[4:], f"{op} {dtype} params {param_dtype}")
 
 
 @pytest.mark.parametrize("width", [1024, 12345])
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_broadcast_gradient_rows(ops, op, width):
+def test_raw_ops_broadcast_gradient_rows(cuda_ops, op, width):
     """dy expanded from one row (row stride 0, as autograd hands out for a broadcast loss)
     is read in place and gives the same result as its materialised copy."""
     x, w, b, r, _, _ = make_inputs(op, 37, width, torch.bfloat16, residual=False)
     rms = op == "rms_norm"
-    y, h, mean, rstd = ops.cuda_norm_fwd(x, None, w, b, EPS[op], rms)
+    y, h, mean, rstd = cuda_ops.cuda_norm_fwd(x, None, w, b, EPS[op], rms)
     dy = torch.randn(width, dtype=x.dtype, device=DEVICE).expand(37, width)
-    expanded = ops.cuda_norm_bwd(dy, None, x, w, mean, rstd, rms, b is not None)
-    copied = ops.cuda_norm_bwd(dy.contiguous(), None, x, w, mean, rstd, rms, b is not None)
+    expanded = cuda_ops.cuda_norm_bwd(dy, None, x, w, mean, rstd, rms, b is not None)
+    copied = cuda_ops.cuda_norm_bwd(dy.contiguous(), None, x, w, mean, rstd, rms, b is not None)
     for a, c in zip(expanded, copied):
         assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("width", [300, 4096, 30000])
-def test_raw_ops_large_mean_rows_keep_their_variance(ops, width):
+def test_raw_ops_large_mean_rows_keep_their_variance(cuda_ops, width):
     """|mean| = 1000 std: E[x^2] - E[x]^2 in fp32 would lose the variance to cancellation;
     the register path centres in registers, the wide path merges moments (Chan et al.)."""
     x = 1000.0 + torch.randn(5, width, dtype=torch.float32, device=DEVICE)
     oracle = layer_norm_ref(x.double(), eps=1e-5)
-    y, _, mean, rstd = ops.cuda_norm_fwd(x, None, None, None, 1e-5, False)
+    y, _, mean, rstd = cuda_ops.cuda_norm_fwd(x, None, None, None, 1e-5, False)
     torch.testing.assert_close(mean.double(), oracle.mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(rstd.double(), oracle.rstd, rtol=1e-5, atol=0)
     torch.testing.assert_close(y.double(), oracle.y, rtol=0, atol=1e-3)
@@ -311,12 +301,12 @@ def test_raw_ops_large_mean_rows_keep_their_variance(ops, width):
 
 @pytest.mark.parametrize("width", [7, 1024, 8192, 12345, 65536])
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_are_bitwise_reproducible(ops, op, width):
+def test_raw_ops_are_bitwise_reproducible(cuda_ops, op, width):
     """Partial sums per block, reduced in a fixed order, no atomics: repeated runs agree
     bit for bit (dx, dweight, dbias)."""
     rows = 4099 if width <= 8192 else 257
     x, w, b, r, dy, dh = make_inputs(op, rows, width, torch.bfloat16)
-    runs = [run_cuda(ops, op, x, w, b, r, dy, dh) for _ in range(3)]
+    runs = [run_cuda(cuda_ops, op, x, w, b, r, dy, dh) for _ in range(3)]
     for run in runs[1:]:
         for a, c in zip(run, runs[0]):
             assert torch.equal(a, c)
@@ -324,22 +314,22 @@ def test_raw_ops_are_bitwise_reproducible(ops, op, width):
 
 @pytest.mark.parametrize("width", [7, 1024, 65536])
 @pytest.mark.parametrize("op", OPS)
-def test_raw_ops_zero_rows(ops, op, width):
+def test_raw_ops_zero_rows(cuda_ops, op, width):
     rms = op == "rms_norm"
     x = torch.randn(0, 3, width, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(width, device=DEVICE, dtype=torch.bfloat16)
     b = None if rms else torch.randn(width, device=DEVICE, dtype=torch.bfloat16)
-    y, h, mean, rstd = ops.cuda_norm_fwd(x, x, w, b, EPS[op], rms)
+    y, h, mean, rstd = cuda_ops.cuda_norm_fwd(x, x, w, b, EPS[op], rms)
     assert y.shape == h.shape == x.shape and rstd.shape == (0,) and mean.shape == (0,)
-    dx, dw, db = ops.cuda_norm_bwd(x, x, x, w, mean, rstd, rms, b is not None)
+    dx, dw, db = cuda_ops.cuda_norm_bwd(x, x, x, w, mean, rstd, rms, b is not None)
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
     assert db.shape == (0,) if rms else torch.equal(db, torch.zeros_like(b))
 
 
-def test_raw_ops_bad_input_messages(ops):
+def test_raw_ops_bad_input_messages(cuda_ops):
     x = torch.randn(4, 8, device=DEVICE, dtype=torch.float16)
     w = torch.randn(8, device=DEVICE, dtype=torch.float16)
-    fwd, bwd = ops.cuda_norm_fwd, ops.cuda_norm_bwd
+    fwd, bwd = cuda_ops.cuda_norm_fwd, cuda_ops.cuda_norm_bwd
     with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
         fwd(x.double(), None, None, None, 1e-5, False)
     with pytest.raises(ValueError, match=r"x must have a last dimension \(the normalised width\) >= 1"):

@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 from fast_attn import backends  # noqa: E402
 from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref  # noqa: E402
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close, compare  # noqa: E402
+from fast_attn import testing_cases as tc  # noqa: E402
 
 if not (torch.cuda.is_available() or backends.triton_interpret_enabled()):
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -86,24 +87,6 @@ def reference(op, x, weight, bias, residual, upcast):
     return rms_norm_ref(x, weight, EPS[op], residual, upcast=upcast)
 
 
-def reference_run(op, inputs, dy, dh, upcast):
-    """Outputs and (dx, dresidual, dweight, dbias) of the reference, by autograd; fp64
-    copies when ``upcast`` (the oracle), the input dtype otherwise (the baseline)."""
-    leaves = [
-        None if t is None else (t.detach().double() if upcast else t.detach().clone()).requires_grad_()
-        for t in inputs
-    ]
-    out = reference(op, *leaves, upcast=upcast)
-    outs, cotangents = [out.y], [dy.to(out.y.dtype)]
-    if out.h is not None:
-        outs.append(out.h)
-        cotangents.append(dh.to(out.h.dtype))
-    present = [t for t in leaves if t is not None]
-    found = iter(torch.autograd.grad(outs, present, cotangents))
-    grads = [None if t is None else next(found) for t in leaves]
-    return out._replace(**{k: v.detach() for k, v in out._asdict().items() if v is not None}), grads
-
-
 def launch(kind: str, *args, **kwargs):
     """``norm.norm_fwd`` ("fwd") or ``norm.norm_bwd`` ("bwd"): every launcher call goes here."""
     return getattr(norm, f"norm_{kind}")(*args, **kwargs)
@@ -123,8 +106,8 @@ def check_against_reference(op, rows, width, dtype, *, max_fused_width=None, **o
     y, h, mean, rstd = launch("fwd", op, x, w, b, r, EPS[op], **limit)
     dx, dw, db = launch("bwd", op, dy, dh, h if r is not None else x, w, b, mean, rstd, **limit)
 
-    oracle, oracle_grads = reference_run(op, inputs, dy, dh, upcast=True)
-    baseline, baseline_grads = reference_run(op, inputs, dy, dh, upcast=False)
+    oracle, oracle_grads = tc.norm_reference_run(op, inputs, dy, dh, EPS[op], upcast=True)
+    baseline, baseline_grads = tc.norm_reference_run(op, inputs, dy, dh, EPS[op], upcast=False)
     name = f"{op} rows={rows} width={width} {dtype}"
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     assert_close(y, oracle.y, baseline.y, factor=OUTPUT_FACTOR, name=f"{name} y")
@@ -132,7 +115,7 @@ def check_against_reference(op, rows, width, dtype, *, max_fused_width=None, **o
         assert h is None
     else:
         assert h.is_contiguous()
-        assert_rounded_sum(h, x, r, name)
+        tc.assert_rounded_sum(h, x, r, name)
     # The statistics are those of the normalised tensor, h as returned (the backward gets
     # that h), so their oracle is the reference on it.
     inp = h if r is not None else x
@@ -179,11 +162,6 @@ def assert_close_row_sum(actual, oracle, baseline, terms, name):
     assert not result.message and result.error <= result.allowed + floor, (
         f"{name}: {result} (row-sum floor {floor:.3g})"
     )
-
-
-def assert_rounded_sum(h, x, residual, name):
-    """h is x + residual added in fp32 and rounded to nearest even in x's dtype, like the reference's."""
-    assert bool((h == (x.float() + residual.float()).to(x.dtype)).all()), f"{name}: h is not the rounded fp32 sum"
 
 
 # ------------------------------------------------------------------- CPU (interpreter)
