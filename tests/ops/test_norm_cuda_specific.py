@@ -26,6 +26,7 @@ import torch
 
 from fast_attn.reference.norm import layer_norm_ref, rms_norm_ref
 from fast_attn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close, compare
+from fast_attn import testing_cases as tc  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -87,24 +88,6 @@ def reference(op, x, weight, bias, residual, upcast):
     return rms_norm_ref(x, weight, EPS[op], residual, upcast=upcast)
 
 
-def reference_run(op, inputs, dy, dh, upcast):
-    """Outputs and gradients (x, weight, bias, residual) of the reference by autograd: on
-    fp64 copies when ``upcast`` (the oracle), in the input dtypes otherwise (the baseline)."""
-    leaves = [
-        None if t is None else (t.detach().double() if upcast else t.detach().clone()).requires_grad_()
-        for t in inputs
-    ]
-    out = reference(op, *leaves, upcast=upcast)
-    outs, cotangents = [out.y], [dy.to(out.y.dtype)]
-    if out.h is not None:
-        outs.append(out.h)
-        cotangents.append(dh.to(out.h.dtype))
-    present = [t for t in leaves if t is not None]
-    found = iter(torch.autograd.grad(outs, present, cotangents))
-    grads = [None if t is None else next(found) for t in leaves]
-    return out._replace(**{k: v.detach() for k, v in out._asdict().items() if v is not None}), grads
-
-
 def assert_close_row_sum(actual, oracle, baseline, terms, name):
     """The tolerance rule (factor 3) for dweight/dbias, column sums of ``terms`` (rows, N).
 
@@ -116,11 +99,6 @@ def assert_close_row_sum(actual, oracle, baseline, terms, name):
     assert not result.message and result.error <= result.allowed + floor, (
         f"{name}: {result} (row-sum floor {floor:.3g})"
     )
-
-
-def assert_rounded_sum(h, x, residual, name):
-    """h is x + residual added in fp32 and rounded to nearest-even in x's dtype."""
-    assert bool((h == (x.float() + residual.float()).to(x.dtype)).all()), f"{name}: h is not the rounded fp32 sum"
 
 
 def run_cuda(cuda_ops, op, x, w, b, r, dy, dh):
@@ -158,14 +136,14 @@ def check_outputs(op, inputs, dy, dh, fwd, bwd, name):
 
     # Forward: y; h (empty without residual); the statistics of the normalised h.
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(), name
-    oracle, oracle_grads = reference_run(op, inputs, dy, dh, upcast=True)
-    baseline, baseline_grads = reference_run(op, inputs, dy, dh, upcast=False)
+    oracle, oracle_grads = tc.norm_reference_run(op, inputs, dy, dh, EPS[op], upcast=True)
+    baseline, baseline_grads = tc.norm_reference_run(op, inputs, dy, dh, EPS[op], upcast=False)
     assert_close(y, oracle.y, baseline.y, factor=OUTPUT_FACTOR, name=f"{name} y")
     if r is None:
         assert h.shape == (0,), name
     else:
         assert h.shape == x.shape and h.is_contiguous(), name
-        assert_rounded_sum(h, x, r, name)
+        tc.assert_rounded_sum(h, x, r, name)
     inp = h if r is not None else x
     stats_oracle = reference(op, inp.double(), None, None, None, upcast=True)
     stats_baseline = reference(op, inp, None, None, None, upcast=False)
