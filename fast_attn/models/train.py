@@ -10,6 +10,13 @@ Tasks (no download; the data is generated or ships in the package):
   (10 KB of prose written for this package); reports the held-out loss (last 10% of the
   text) and samples text through the KV cache.
 
+On a CPU, ``--threads`` sets torch's intra-op threads. By default the run takes the cores
+that are idle when it starts (those this process may use, less the 1-minute load average,
+shared among the ranks torchrun starts on the node; at least 1): these models are small,
+so a second thread gains little (reverse, 2-core machine, idle: 2 threads 18.5 s, 1
+thread 21.8 s for 150 steps) while a thread on a busy core costs a lot (a loaded machine:
+10x slower than one thread). The chosen count is printed.
+
 Examples::
 
     python -m fast_attn.models.train --task reverse                  # CPU or the GPU
@@ -232,7 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default: torch's); 1 is faster on a busy machine")
+                   help="CPU intra-op threads (default: the idle cores, shared among this node's "
+                        "ranks; see the module docstring)")
     return p.parse_args(argv)
 
 
@@ -242,6 +250,19 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def idle_cores(local_ranks: int = 1) -> int:
+    """Threads for one of ``local_ranks`` CPU processes: the cores this process may use,
+    less the 1-minute load average (rounded), split among the ranks; at least 1. Oversubscribed
+    cores make torch's OpenMP threads wait on each other, which costs far more than the
+    second thread gains for the small models here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # not available on this platform
+        busy = 0
+    return max(1, min(cores, cores - busy) // max(1, local_ranks))
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
@@ -329,12 +350,15 @@ class Progress:
 def main(argv=None) -> TrainResult:
     """Runs the CLI with ``argv`` (default ``sys.argv[1:]``); returns the trained model."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
+    threads_before = torch.get_num_threads()  # restored: main() may run inside a caller's process
+    if device.type == "cpu":
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
+        torch.set_num_threads(args.threads or idle_cores(local_ranks))
     try:
         return _train(args, rank, world, device)
     finally:
+        torch.set_num_threads(threads_before)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -365,8 +389,9 @@ def _train(args, rank: int, world: int, device: torch.device) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     n_params = sum(p.numel() for p in model.parameters())
+    threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
     log(f"{args.task}: {cfg.arch} model, {n_params / 1e6:.2f}M parameters, {world} process(es) on "
-        f"{device}, steps {start + 1}..{steps}, batch {batch_size} per process")
+        f"{device}{threads}, steps {start + 1}..{steps}, batch {batch_size} per process")
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     progress = Progress(start, steps, args.log_every, enabled=rank == 0)
