@@ -289,13 +289,17 @@ def plan_cuda_build(
     cuda_home_note: str,
     *,
     have_sources: bool = True,
+    device_present: bool = True,
 ) -> tuple[bool, str]:
     """Decide whether to build the extension; returns (build, one-line reason).
 
     `torch_version` is None when torch is not importable; `torch_cuda_version` is
     `torch.version.cuda`; `have_sources` says whether the csrc/ tree is present (an
-    sdist made without it has none). Raises `CudaBuildUnavailable` when `mode` is FORCE
-    and the build is impossible.
+    sdist made without it has none); `device_present` whether a CUDA device is visible.
+    AUTO builds only where a device is present: elsewhere the library could not load,
+    and the build costs minutes (the cuda backend JIT-builds on first use instead).
+    FORCE builds without a device (CI proves csrc/ compiles that way). Raises
+    `CudaBuildUnavailable` when `mode` is FORCE and the build is impossible.
     """
     if mode is BuildMode.SKIP:
         return False, f"{BUILD_CUDA_ENV}=0"
@@ -303,6 +307,8 @@ def plan_cuda_build(
         reason = "csrc/ sources not found"
     else:
         reason = _cannot_build_reason(torch_version, torch_cuda_version, cuda_home, cuda_home_note)
+    if reason is None and mode is BuildMode.AUTO and not device_present:
+        return False, f"no CUDA device here ({BUILD_CUDA_ENV}=1 builds it anyway)"
     if reason is None:
         return True, f"torch {torch_version} with CUDA {torch_cuda_version}, toolkit at {cuda_home} ({cuda_home_note})"
     if mode is BuildMode.FORCE:

@@ -191,6 +191,12 @@ def test_plan_cuda_build(tmp_path):
     build, reason = cfg.plan_cuda_build(auto, "2.14.1", "13.0", toolkit, "found", have_sources=False)
     assert not build and reason == "csrc/ sources not found"
 
+    # Without a device, auto leaves the (minutes-long) build to a JIT build on first use;
+    # FAST_ATTN_BUILD_CUDA=1 still builds, which is how CI proves csrc/ compiles.
+    build, reason = cfg.plan_cuda_build(auto, "2.14.1", "13.0", toolkit, "found", device_present=False)
+    assert not build and reason == "no CUDA device here (FAST_ATTN_BUILD_CUDA=1 builds it anyway)"
+    assert cfg.plan_cuda_build(force, "2.14.1", "13.0", toolkit, "found", device_present=False)[0]
+
     with pytest.raises(cfg.CudaBuildUnavailable, match="FAST_ATTN_BUILD_CUDA=1.*built without CUDA"):
         cfg.plan_cuda_build(force, "2.13.0+cpu", None, toolkit, "found")
 
