@@ -14,7 +14,7 @@ import sys
 import time
 
 NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]\s+(.*)$")
-SOURCE = re.compile(r"\s-c\s+(\S+)")  # the compiler's input file
+SOURCE = re.compile(r"\s-c\s+([^\s-]\S*)")  # the compiler's input file (torch writes "-c -c FILE")
 CSRC = re.compile(r"(csrc/\S+)$")
 
 

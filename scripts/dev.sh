@@ -58,7 +58,9 @@ pip_install() {  # pip_install WHAT ARGS...: quiet pip, with what it does and ho
   local what=$1 start=$SECONDS
   shift
   say "installing $what ..."
-  if "$PY" -m pip install --quiet "$@"; then
+  # (This machine's pip configuration names index folders that may be missing: pip warns
+  # once per package about each; those warnings are dropped, every other line is kept.)
+  if "$PY" -m pip install --quiet "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; then
     say "installed $what in $((SECONDS - start)) s"
   else
     say "could not install $what ($((SECONDS - start)) s)"
