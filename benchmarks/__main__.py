@@ -3,13 +3,16 @@
     python -m benchmarks                         # every op, protocol shapes (GPU) or small ones (CPU)
     python -m benchmarks --quick                 # fewer shapes, shorter timing windows
     python -m benchmarks --ops attention,norm --backends triton,cuda --dtype fp16
+    python -m benchmarks --ops rms_norm --dtype fp32 --seed 1   # --ops also takes fast_attn op names
     python -m benchmarks --out DIR               # default benchmarks/results/<date>-<gpu or cpu>/
     python -m benchmarks --compare OLD.json      # run, then print what got faster / slower
     python -m benchmarks --compare OLD.json NEW.json   # compare two runs, run nothing
     python -m benchmarks overhead [--quick] [--out DIR] # host cost per call; fast_attn.nn vs torch.nn
 
 Without a CUDA GPU it runs what it can (the torch backend and torch's eager peers at
-small sizes), says that GPU figures need a GPU, writes the files and exits 0.
+small sizes), says that GPU figures need a GPU, writes the files and exits 0. CPU rows
+record their number of samples and spread; noisy ones are marked and never ranked
+(benchmarks/NOTES.md, "Timing").
 """
 
 from __future__ import annotations
@@ -31,9 +34,6 @@ from benchmarks import bench_attention, bench_block, bench_decode, bench_ffn, be
 # its OPS) select single ops of a file: --ops rms_norm.
 MODULES = {"attention": bench_attention, "decode": bench_decode, "norm": bench_norm,
            "ffn": bench_ffn, "block": bench_block}
-NO_GPU_NOTE = ("no CUDA GPU here: these are CPU timings, at small sizes, of the torch backend and "
-               "torch's eager peers; they show the suite works, not how fast any kernel is. "
-               "GPU figures need a GPU.")
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2  # argparse's status for a bad command line
 
@@ -43,20 +43,34 @@ def _op_names(module) -> tuple:
     return tuple(getattr(module, "OPS", ())) or (module.OP,)
 
 
+def _aliases() -> dict:
+    """fast_attn op names (``fast_attn.backends.OPS``, verify's --ops) that are not case op
+    names -> the case ops that benchmark them: attention_with_kvcache -> decode."""
+    aliases = {}
+    for module in MODULES.values():
+        for covered in module.COVERS:
+            if covered not in _op_names(module):
+                aliases[covered] = _op_names(module)
+    return aliases
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="python -m benchmarks overhead [--quick] [--out DIR]: the host cost "
                                             "per call of each op, and fast_attn.nn vs torch.nn (its own --help)")
     single = sorted({op for m in MODULES.values() for op in _op_names(m)} - set(MODULES))
+    aliases = _aliases()
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing windows")
     parser.add_argument("--ops", default="",
-                        help=f"comma-separated subset of {','.join(MODULES)} (or single ops: {','.join(single)}); "
-                             "default: all")
+                        help=f"comma-separated subset of {','.join(MODULES)} (or single ops: {','.join(single)}; "
+                             + ", ".join(f"{a} = {','.join(o)}" for a, o in aliases.items()) + "); default: all")
     parser.add_argument("--backends", default="",
                         help="comma-separated fast_attn backends to measure (cuda,triton,torch); default: "
                              "every available one. Peers are always measured")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES), help="default bf16")
+    parser.add_argument("--dtype", default="bf16", choices=list(common.DTYPES),
+                        help="inputs and ceilings in this dtype (default bf16); a case an implementation "
+                             "does not take in it is a skipped row saying so")
     parser.add_argument("--out", default="",
                         help="output folder (default benchmarks/results/<date>-<gpu or cpu>/)")
     parser.add_argument("--compare", nargs="+", metavar="JSON", default=None,
@@ -69,13 +83,16 @@ def _parse(argv):
     args = parser.parse_args(argv)
     if args.compare is not None and len(args.compare) > 2:
         parser.error("--compare takes OLD.json, or OLD.json NEW.json")
+    from fast_attn import backends
+
     wanted = [name for name in args.ops.split(",") if name]
-    valid = set(MODULES) | set(single)
+    valid = set(MODULES) | set(single) | set(aliases)
     unknown = [name for name in wanted if name not in valid]
     if unknown:
-        parser.error(f"--ops: unknown {unknown}; choose from {sorted(valid)}")
-    args.ops = wanted
-    from fast_attn import backends
+        no_bench = [name for name in unknown if name in backends.OPS]
+        parser.error(f"--ops: unknown {unknown}" + (f" ({', '.join(no_bench)}: no benchmark yet)" if no_bench else "")
+                     + f"; choose from {sorted(valid)}")
+    args.ops = list(dict.fromkeys(op for name in wanted for op in aliases.get(name, (name,))))
 
     args.backends = [name for name in args.backends.split(",") if name]
     bad = [name for name in args.backends if name not in backends.BACKENDS]
@@ -157,10 +174,13 @@ def run(args) -> tuple[dict, bool]:
     chosen, not_measured, statuses = common.select_backends(args.backends, device)
     ctx = common.Context(device=device, dtype=common.DTYPES[args.dtype], quick=args.quick,
                          backends=chosen, statuses=statuses)
+    threads_before = torch.get_num_threads()
+    if not ctx.on_gpu:
+        torch.set_num_threads(common.cpu_threads())
     env = common.environment(device)
-    notes = [] if ctx.on_gpu else [NO_GPU_NOTE]
-    for note in notes:
-        print(f"NOTE: {note}", flush=True)
+    if not ctx.on_gpu:
+        print(f"NOTE: {report.cpu_note(env)}", flush=True)
+    notes = []
     print(f"benchmarks: {env['gpu'] or 'CPU'}; torch {env['torch']}, triton {env['triton']}; "
           f"measuring fast_attn backends {list(chosen)}", flush=True)
     for name, reason in not_measured.items():
@@ -192,6 +212,7 @@ def run(args) -> tuple[dict, bool]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
+        torch.set_num_threads(threads_before)
     if interrupted:
         notes.append("the run was interrupted: rows marked 'not run' were not measured")
     if fatal:
@@ -201,6 +222,9 @@ def run(args) -> tuple[dict, bool]:
         notes.append(f"the time budget (--budget-s {args.budget_s:.0f}) ran out: {over_budget} rows not measured")
 
     report.add_ratios(rows)
+    env["loadavg_1m_end"] = common.loadavg_1m()
+    if not ctx.on_gpu:
+        notes.insert(0, report.cpu_note(env))
     from fast_attn import backends
 
     covered = {op for module in MODULES.values() for op in module.COVERS}

@@ -13,6 +13,8 @@ append is a separate, tiny write; the protocol measures the attention).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,17 @@ CPU_QUICK_CACHE_LENS = (512,)
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
 SDPA_CPU_BACKENDS = ("flash",)
+# SDPA's GPU kernels that take fp16/bf16 only (the memory-efficient one also takes fp32),
+# and flash_attn's: --dtype fp32 skips them with this reason.
+HALF_ONLY = {"flash", "cudnn", "flash_attn"}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype_skip(ctx: Context, impl: str) -> Optional[str]:
+    """Why ``impl`` does not run in ctx.dtype on a GPU (None if it does)."""
+    if ctx.on_gpu and impl in HALF_ONLY and ctx.dtype not in HALF_DTYPES:
+        return f"{impl} takes fp16/bf16 only, not {str(ctx.dtype).replace('torch.', '')}"
+    return None
 
 
 def configs(ctx: Context) -> list[dict]:
@@ -109,6 +122,7 @@ def _sdpa(ctx: Context, shape: dict) -> list[Case]:
             return sdpa_kernel(backend)
 
         skip = None if ctx.on_gpu or short in SDPA_CPU_BACKENDS else f"SDPA's {short} backend is a CUDA kernel"
+        skip = skip or _dtype_skip(ctx, short)
         cases.append(peer_case(ctx, op=OP, impl=f"sdpa:{short}", shape=shape, passes=PASSES,
                                work=_work(shape, ctx), forward=forward, skip=skip, context=context,
                                no_grad_fwd=True, make_inputs=lambda: _inputs(shape, ctx, heads_first=True)))
@@ -133,6 +147,7 @@ def _flex(ctx: Context, shape: dict) -> Case:
 
 def _flash_attn(ctx: Context, shape: dict) -> Case:
     module, why_not = optional_import("flash_attn") if ctx.on_gpu else (None, "flash_attn runs on CUDA only")
+    why_not = why_not or _dtype_skip(ctx, "flash_attn")
 
     def forward(q, k_cache, v_cache):
         return module.flash_attn_with_kvcache(q, k_cache, v_cache)

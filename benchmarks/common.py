@@ -1,9 +1,15 @@
 """Shared machinery of the benchmark suite: timing, memory, environment, ceilings, cases.
 
 Timing. On a GPU: ``triton.testing.do_bench`` (it flushes the L2 cache before every call
-and times with CUDA events), reporting the median and the 20th/80th percentiles. On CPU:
-wall-clock times of repeated calls (after one warm-up call), same statistics; CPU figures
-only show that the suite runs, they say nothing about the kernels.
+and times with CUDA events), reporting the median and the 20th/80th percentiles. On CPU
+(``CPU_RULES``): warm up for a minimum number of calls and time, then time single calls
+until both a minimum number of samples and a minimum time are reached, capped in time and
+samples; a call slower than the cap still gets ``slow_min_samples`` samples unless that
+would take more than ``slow_max_s``. Same statistics, plus the number of samples and the
+spread, (p80 - p20) / median. A CPU row whose spread exceeds ``NOISY_SPREAD`` or that has
+fewer than ``NOISY_MIN_SAMPLES`` samples is ``noisy``: reported, never ranked (no ratio to
+a peer). CPU figures are of the torch backend and eager peers on the machine that ran
+them; they say nothing about the GPU kernels.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` during one call minus what was allocated
 before it, i.e. the outputs, saved tensors and workspaces the call itself needed (the
@@ -47,9 +53,39 @@ QUANTILES = (0.5, 0.2, 0.8)  # median, 20th and 80th percentiles
 # runs shorten them: fewer samples per median, for a run that fits the GPU session.
 GPU_WARMUP_MS = {False: 25, True: 10}
 GPU_REP_MS = {False: 100, True: 40}
-# CPU: at most this many timed calls, and stop early once this many seconds are spent.
-CPU_REPEATS = {False: 7, True: 3}
-CPU_MAX_SECONDS = {False: 1.0, True: 0.25}
+
+
+@dataclass(frozen=True)
+class CpuRule:
+    """When the CPU timing loop stops (``cpu_samples``); seconds are wall-clock.
+
+    Warm-up: calls until both ``warmup_calls`` and ``warmup_s`` are reached (or
+    ``warmup_max_s`` is spent, after at least one call). Then timed calls until both
+    ``min_samples`` and ``min_s`` are reached, or ``max_samples`` are taken, or ``max_s`` is
+    spent; past ``max_s`` a slow call still gets ``slow_min_samples`` samples unless the
+    next call would end after ``slow_max_s`` (then the row records how many it got)."""
+
+    warmup_calls: int
+    warmup_s: float
+    warmup_max_s: float
+    min_samples: int
+    min_s: float
+    max_s: float
+    max_samples: int
+    slow_min_samples: int = 3
+    slow_max_s: float = 10.0
+
+
+CPU_RULES = {
+    False: CpuRule(warmup_calls=2, warmup_s=0.2, warmup_max_s=2.0, min_samples=10, min_s=0.5, max_s=3.0,
+                   max_samples=100_000),
+    True: CpuRule(warmup_calls=1, warmup_s=0.05, warmup_max_s=1.0, min_samples=5, min_s=0.2, max_s=1.0,
+                  max_samples=50_000),
+}
+# A CPU row is "noisy" (shown, never ranked against a peer) when its spread,
+# (p80 - p20) / median, exceeds NOISY_SPREAD, or it has fewer than NOISY_MIN_SAMPLES samples.
+NOISY_SPREAD = 0.2
+NOISY_MIN_SAMPLES = 5
 
 # Ceiling workloads. The copy moves 2 x 512 MiB on a GPU, far beyond any L2 cache;
 # 8192^3 is the matmul BASELINES.md measured (687 TFLOP/s on our H100).
@@ -67,7 +103,7 @@ TFLOP = 1e12
 FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "device-side assert",
                      "misaligned address", "illegal instruction")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,6 +121,12 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    samples: Optional[int] = None  # timed calls (CPU); None where do_bench chose (GPU)
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: the relative width of the middle 60% of the samples."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -185,6 +227,46 @@ def _reset_grads(tensors: Sequence[torch.Tensor]) -> None:
         tensor.grad = None
 
 
+def cpu_samples(call: Callable[[], object], rule: CpuRule, reset: Callable[[], None] = lambda: None,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Times of single calls of ``call`` in ms, ascending, under ``rule`` (see ``CpuRule``).
+    ``reset`` runs before every call, outside the timed region; ``clock`` is in seconds."""
+    warmup_start = clock()
+    calls = 0
+    while True:
+        reset()
+        call()  # first-call allocations, lazy initialisation, caches, thread pools
+        calls += 1
+        spent = clock() - warmup_start
+        if (calls >= rule.warmup_calls and spent >= rule.warmup_s) or spent >= rule.warmup_max_s:
+            break
+    times: list[float] = []
+    total = 0.0  # seconds inside the timed calls
+    loop_start = clock()
+    while len(times) < rule.max_samples:
+        elapsed = clock() - loop_start
+        if len(times) >= rule.min_samples and elapsed >= rule.min_s:
+            break
+        if elapsed >= rule.max_s and times:
+            if len(times) >= rule.slow_min_samples:
+                break
+            if elapsed + total / len(times) > rule.slow_max_s:
+                break  # one more slow call would run past slow_max_s
+        reset()
+        start = clock()
+        call()
+        seconds = clock() - start
+        total += seconds
+        times.append(seconds * 1e3)
+    times.sort()
+    return times
+
+
+def timing_of(times_ms: Sequence[float]) -> Timing:
+    """Median, 20th and 80th percentiles and the count of an ascending list of times."""
+    return Timing(*(_percentile(times_ms, q) for q in QUANTILES), samples=len(times_ms))
+
+
 def time_fn(bench: Bench, ctx: Context) -> Timing:
     """Median and 20th/80th percentiles of ``bench.fn`` in ms (see the module docstring)."""
     if ctx.on_gpu:
@@ -195,19 +277,18 @@ def time_fn(bench: Bench, ctx: Context) -> Timing:
             grad_to_none=list(bench.grad_to_none) or None, quantiles=list(QUANTILES),
         )
         return Timing(median, p20, p80)
-    _reset_grads(bench.grad_to_none)
-    bench.fn()  # warm-up: first-call allocations, lazy initialisation
-    times = []
-    budget_end = time.perf_counter() + CPU_MAX_SECONDS[ctx.quick]
-    for _ in range(CPU_REPEATS[ctx.quick]):
-        _reset_grads(bench.grad_to_none)
-        start = time.perf_counter()
-        bench.fn()
-        times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() > budget_end:
-            break
-    times.sort()
-    return Timing(*(_percentile(times, q) for q in QUANTILES))
+    return timing_of(cpu_samples(bench.fn, CPU_RULES[ctx.quick], lambda: _reset_grads(bench.grad_to_none)))
+
+
+def noise_of(timing: Timing, device_type: str) -> Optional[str]:
+    """Why a CPU measurement is too noisy to rank (None if it is not, and on a GPU)."""
+    if device_type != "cpu":
+        return None
+    if timing.samples is not None and timing.samples < NOISY_MIN_SAMPLES:
+        return f"{timing.samples} sample{'s' if timing.samples != 1 else ''} (< {NOISY_MIN_SAMPLES})"
+    if timing.spread > NOISY_SPREAD:
+        return f"spread {timing.spread:.0%} (> {NOISY_SPREAD:.0%})"
+    return None
 
 
 def peak_memory_mb(bench: Bench, ctx: Context) -> Optional[float]:
@@ -370,12 +451,16 @@ def _row(case: Case, pass_: str, ctx: Context) -> dict:
         "median_ms": None,
         "p20_ms": None,
         "p80_ms": None,
+        "samples": None,
+        "spread": None,
+        "noisy": False,
         "unit": None,
         "throughput": None,
         "ceiling_fraction": None,
         "peak_mem_mb": None,
         "best_peer": None,
         "ratio_to_best_peer": None,
+        "ratio_note": None,  # why a row of ours with a peer has no ratio (noise)
     }
 
 
@@ -427,6 +512,8 @@ def run_case(case: Case, ctx: Context, ceilings: Mapping) -> tuple[list[dict], O
                     timing = time_fn(bench, ctx)
                     row["median_ms"], row["p20_ms"], row["p80_ms"] = (
                         timing.median_ms, timing.p20_ms, timing.p80_ms)
+                    row["samples"], row["spread"] = timing.samples, timing.spread
+                    row["noisy"] = noise_of(timing, ctx.device.type) is not None
                     row["peak_mem_mb"] = peak_memory_mb(bench, ctx)
                     _fill_throughput(row, case.work(row["pass"]), ceilings)
                     del bench
@@ -487,8 +574,26 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def loadavg_1m() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_threads() -> int:
+    """torch threads for a CPU run: the idle cores (the cores this process may use less
+    the rounded 1-minute load average), at least 1, at most torch's current setting (so
+    OMP_NUM_THREADS or an explicit torch.set_num_threads still caps it). On a shared
+    machine, OpenMP threads on oversubscribed cores wait on each other: a 0.3 ms op then
+    measures ~50 ms, steadily (measured 2026-12-07 at load 3 on 2 cores)."""
+    load = loadavg_1m() or 0.0
+    return max(1, min(torch.get_num_threads(), _cpu_count() - round(load)))
+
+
 def environment(device: torch.device) -> dict:
-    """Hardware and software of this run."""
+    """Hardware and software of this run (``loadavg_1m_end`` is filled in when it ends)."""
     try:
         import triton
 
@@ -506,6 +611,9 @@ def environment(device: torch.device) -> dict:
         "gpu_memory_gib": None,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": _cpu_count(),
+        "loadavg_1m_start": loadavg_1m(),
+        "loadavg_1m_end": None,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -524,21 +632,21 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _copy_gbps(ctx: Context, numel: int) -> tuple[float, int]:
-    """(GB/s, bytes moved) of ``dst.copy_(src)`` for ``numel`` elements of ctx.dtype."""
+def _copy_gbps(ctx: Context, numel: int) -> tuple[float, int, Timing]:
+    """(GB/s, bytes moved, timing) of ``dst.copy_(src)`` for ``numel`` elements of ctx.dtype."""
     src = torch.randn(numel, device=ctx.device, dtype=ctx.dtype)
     dst = torch.empty_like(src)
     timing = time_fn(Bench(lambda: dst.copy_(src)), ctx)
     moved = formulas.copy_bytes(numel, src.element_size())
-    return moved / (timing.median_ms / 1e3) / GB, moved
+    return moved / (timing.median_ms / 1e3) / GB, moved, timing
 
 
-def _matmul_tflops(ctx: Context, size: int) -> float:
-    """TFLOP/s of a (size x size) @ (size x size) matmul in ctx.dtype."""
+def _matmul_tflops(ctx: Context, size: int) -> tuple[float, Timing]:
+    """(TFLOP/s, timing) of a (size x size) @ (size x size) matmul in ctx.dtype."""
     a = torch.randn(size, size, device=ctx.device, dtype=ctx.dtype)
     b = torch.randn(size, size, device=ctx.device, dtype=ctx.dtype)
     timing = time_fn(Bench(lambda: torch.matmul(a, b)), ctx)
-    return formulas.matmul_flops(size, size, size) / (timing.median_ms / 1e3) / TFLOP
+    return formulas.matmul_flops(size, size, size) / (timing.median_ms / 1e3) / TFLOP, timing
 
 
 def measure_ceilings(ctx: Context) -> dict:
@@ -548,12 +656,14 @@ def measure_ceilings(ctx: Context) -> dict:
     numel = GPU_COPY_NUMEL if ctx.on_gpu else CPU_COPY_NUMEL
     size = GPU_MATMUL_SIZE if ctx.on_gpu else CPU_MATMUL_SIZE
     try:
-        ceilings["copy_gbps"], ceilings["copy_bytes"] = _copy_gbps(ctx, numel)
+        ceilings["copy_gbps"], ceilings["copy_bytes"], timing = _copy_gbps(ctx, numel)
+        ceilings["copy_samples"], ceilings["copy_spread"] = timing.samples, timing.spread
     except Exception as exc:
         ceilings["copy_error"] = _error_text(exc)
     try:
-        ceilings["matmul_tflops"] = _matmul_tflops(ctx, size)
+        ceilings["matmul_tflops"], timing = _matmul_tflops(ctx, size)
         ceilings["matmul_shape"] = [size, size, size]
+        ceilings["matmul_samples"], ceilings["matmul_spread"] = timing.samples, timing.spread
     except Exception as exc:
         ceilings["matmul_error"] = _error_text(exc)
     if ctx.on_gpu:
