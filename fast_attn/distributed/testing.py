@@ -287,3 +287,103 @@ def _fp64_as_fp32(dist_case, case, evaluation) -> list[str]:
             failures.append(f"d{name} (fp32 rule): {c}")
         worst = max(worst, c.ratio)
     return failures, worst
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def _fwd_bwd(case: RingCase) -> list[Tensor]:
+    """Outputs and gradients of one distributed run of ``case`` (on this rank)."""
+    from fast_attn.testing_cases import _with_grads, build
+
+    single_case = build(case.spec)
+    dist_case = dataclasses.replace(single_case, run=_distributed_run(case))
+    gen = torch.Generator().manual_seed(case.seed)
+    inputs = dist_case.make(torch.device("cpu"), gen)
+    outputs, grads, _ = _with_grads(dist_case, inputs, lambda i: dist_case.run(i, case.backend), gen=gen)
+    return [*outputs.values(), *grads.values()]
+
+
+def check_determinism(cases: list, repeats: int = 2) -> list[tuple[str, bool, str]]:
+    """Rank side: each case run ``repeats`` times gives bitwise the same outputs and gradients."""
+    report = []
+    for case in cases:
+        first = _fwd_bwd(case)
+        same = all(all(torch.equal(a, b) for a, b in zip(first, _fwd_bwd(case))) for _ in range(repeats - 1))
+        report.append((case.label, same, "bitwise equal" if same else "runs differ"))
+    return report
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _expect(name: str, exc: type, fragment: str, fn: Callable) -> tuple[str, bool, str]:
+    try:
+        fn()
+    except exc as error:
+        ok = fragment in str(error)
+        return name, ok, str(error) if ok else f"message lacks {fragment!r}: {error}"
+    except Exception as error:  # the wrong exception type
+        return name, False, f"raised {type(error).__name__}: {error}"
+    return name, False, "no exception"
+
+
+def check_bad_inputs() -> list[tuple[str, bool, str]]:
+    """Rank side: every bad input raises a clear error naming the argument (on every rank,
+    so that no rank is left waiting in a collective)."""
+    from fast_attn.distributed import (
+        ring_attention,
+        ring_attention_varlen,
+        shard_sequence,
+        ulysses_attention,
+    )
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(1, 8, 4, 16)
+    mine = torch.randn(1, 8 + 2 * rank, 4, 16)  # a different length on every rank
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    slopes = torch.rand(4, requires_grad=True)
+    checks = [
+        ("shards of different lengths", ValueError, "S_local in [8, ",
+         lambda: ring_attention(mine, mine, mine, causal=True)),
+        ("shards of different lengths (ulysses)", ValueError, "S_local in [8, ",
+         lambda: ulysses_attention(mine, mine, mine)),
+        ("odd local length with zigzag", ValueError, "must be even",
+         lambda: ring_attention(x[:, :7], x[:, :7], x[:, :7])),
+        ("sequence the layout cannot split", ValueError, f"multiple of {2 * world}",
+         lambda: shard_sequence(torch.randn(1, 2 * world + 1, 4, 16))),
+        ("unknown layout", ValueError, "layout must be one of",
+         lambda: ring_attention(x, x, x, layout="striped")),
+        ("heads not divisible by the world size", ValueError, "must be a multiple of the world size",
+         lambda: ulysses_attention(torch.randn(1, 8, 2 * world + 1, 16), x[:, :, :1], x[:, :, :1])),
+        ("mixed devices", ValueError, "k must be on the same device as q",
+         lambda: ring_attention(x, x.to("meta"), x)),
+        ("k of another length than q", ValueError, "k must have q's local sequence length",
+         lambda: ring_attention(x, x[:, :4], x[:, :4])),
+        ("alibi_slopes that require grad", NotImplementedError, "alibi_slopes",
+         lambda: ring_attention(x, x, x, alibi_slopes=slopes)),
+        ("varlen rows that do not match cu_seqlens", ValueError, "cu_seqlens gives rank",
+         lambda: ring_attention_varlen(torch.randn(3, 4, 16), torch.randn(3, 4, 16), torch.randn(3, 4, 16), cu, 7)),
+        ("varlen cu_seqlens dtype", TypeError, "cu_seqlens must be a 1-D int32",
+         lambda: ring_attention_varlen(x[0], x[0], x[0], cu.long(), 7)),
+        ("varlen max_seqlen too small", ValueError, "max_seqlen",
+         lambda: ring_attention_varlen(x[0], x[0], x[0], cu, 3)),
+    ]
+    return [_expect(*check) for check in checks]
+
+
+def run_suite(cases: list, determinism_cases: list = (), bad_inputs: bool = False) -> dict:
+    """Rank side of one spawned test module: every check, one process group."""
+    return {
+        "cases": check_attention(cases),
+        "determinism": check_determinism(list(determinism_cases)),
+        "bad_inputs": check_bad_inputs() if bad_inputs else [],
+    }
+
+
+def fail_on_rank(rank: int) -> None:
+    """Rank side of the harness's own test: rank ``rank`` raises, the others wait in a
+    collective that never completes (the harness must stop them)."""
+    if dist.get_rank() == rank:
+        raise ValueError(f"rank {rank} fails on purpose")
+    dist.barrier()
