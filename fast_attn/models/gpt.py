@@ -18,7 +18,7 @@ The residual add in the middle of each block is fused into norm2
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)  # W_q | W_k | W_v
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # W_o
         self.dropout = cfg.attn_dropout
+        # Context parallelism (fast_attn.distributed.model) routes the training-time
+        # attention of a sequence shard here; None = fast_attn.attention.
+        self.attention_fn: Optional[Callable] = None
 
     def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]],
                 cache: Optional[tuple[Tensor, Tensor]] = None, start_pos: int = 0) -> Tensor:
@@ -86,7 +89,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
-            y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+            attend = attention if self.attention_fn is None else self.attention_fn
+            y = attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:  # writes k, v into rows [start_pos, start_pos + S) of the cache, then attends
             q, k, v = (t.to(cache[0].dtype) for t in (q, k, v))  # autocast may give bf16
             y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlens=start_pos, causal=True)
@@ -142,22 +146,32 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, kv_cache: Optional[list] = None, start_pos: int = 0) -> Tensor:
+    def forward(self, idx: Tensor, kv_cache: Optional[list] = None, start_pos: int = 0,
+                position_ids: Optional[Tensor] = None) -> Tensor:
         """``idx (B, T)`` at positions ``start_pos .. start_pos + T - 1`` -> ``(B, T, vocab)``.
 
         ``kv_cache`` (from ``new_kv_cache``) is filled in place; without it the call sees
-        only ``idx`` (and ``start_pos`` just offsets the positions)."""
+        only ``idx`` (and ``start_pos`` just offsets the positions). ``position_ids``
+        (int64 ``(T,)``, no cache) gives each token's position instead: a context-parallel
+        rank holds a shard of the sequence (``fast_attn.distributed.shard_positions``)."""
         seqlen = idx.shape[1]
-        if start_pos + seqlen > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            if start_pos + seqlen > self.cfg.max_seq_len:
+                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len={self.cfg.max_seq_len}")
+            positions = slice(start_pos, start_pos + seqlen)
+        else:
+            if kv_cache is not None or tuple(position_ids.shape) != (seqlen,):
+                raise ValueError(f"position_ids must be ({seqlen},) without kv_cache, got "
+                                 f"{tuple(position_ids.shape)}{' with kv_cache' if kv_cache is not None else ''}")
+            positions = position_ids
         x = self.wte(idx)  # (B, T, d_model)
         rope = None
         if self.cfg.positions == "learned":
-            x = x + self.wpe.weight[start_pos:start_pos + seqlen]
+            x = x + self.wpe.weight[positions]
         elif self.cfg.positions == "sinusoidal":
-            x = x + self.pe[start_pos:start_pos + seqlen]
+            x = x + self.pe[positions]
         else:
-            rope = (self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos)

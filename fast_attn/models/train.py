@@ -23,6 +23,7 @@ Examples::
     python -m fast_attn.models.train --task chargpt --steps 2000 --out runs/char
     python -m fast_attn.models.train --task chargpt --steps 4000 --out runs/char --resume
     torchrun --nproc_per_node=2 -m fast_attn.models.train --task reverse   # DDP
+    torchrun --nproc_per_node=4 -m fast_attn.models.train --task chargpt --context-parallel 2 --fsdp
 
 Writes to ``--out``: ``checkpoint.pt`` (model, optimizer, step, config, losses; reloaded
 by ``--resume``), ``loss.png`` (when matplotlib is installed) and ``metrics.json``.
@@ -34,6 +35,11 @@ the process group is initialised from torchrun's environment (``env://``; gloo o
 nccl on CUDA with one GPU per local rank) and the model wrapped in
 DistributedDataParallel. Each rank draws its own batches (so ``--batch-size`` is per
 rank); rank 0 alone logs, evaluates and writes files.
+
+Context parallelism (``--context-parallel N``, GPT task only): groups of N ranks share a
+batch and split its sequences (zigzag), attention by ``--cp-scheme`` ring or ulysses;
+``--fsdp`` shards parameters with FSDP2 instead of DDP (fast_attn/distributed/training.py;
+docs/context_parallel.md).
 """
 
 from __future__ import annotations
@@ -238,6 +244,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="split each sequence across N ranks (torchrun; --task chargpt)")
+    p.add_argument("--cp-scheme", choices=("ring", "ulysses"), default="ring",
+                   help="context-parallel attention: ring (point-to-point) or ulysses (all-to-all)")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun) instead of DDP")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: the idle cores, shared among this node's "
                         "ranks; see the module docstring)")
@@ -373,6 +384,15 @@ def _train(args, rank: int, world: int, device: torch.device) -> TrainResult:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
+    parallel = None
+    if args.context_parallel > 1 or args.fsdp:
+        from fast_attn.distributed.training import Parallel
+
+        if args.fsdp and args.resume is not None:
+            raise ValueError("--resume is not supported with --fsdp")
+        parallel = Parallel.setup(world, args.context_parallel, device, args.cp_scheme, args.fsdp)
+    data_rank = rank if parallel is None else parallel.dp_rank  # ranks that share a batch share its seed
+
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     start, losses = 0, []
     if args.resume is not None:
@@ -384,10 +404,15 @@ def _train(args, rank: int, world: int, device: torch.device) -> TrainResult:
     else:
         cfg = task.model_config(args.model)
         model = build_model(cfg).to(device)
+    if parallel is not None:
+        parallel.prepare(model, args.task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.01)
     if args.resume is not None:
         optimizer.load_state_dict(state["optimizer"])
-    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if parallel is not None:
+        trained = parallel.wrap(model)
+    else:
+        trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     n_params = sum(p.numel() for p in model.parameters())
     threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
     log(f"{args.task}: {cfg.arch} model, {n_params / 1e6:.2f}M parameters, {world} process(es) on "
@@ -401,19 +426,28 @@ def _train(args, rank: int, world: int, device: torch.device) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, peak_lr, args.warmup)
         # Batches are a function of (seed, rank, step): a resumed run sees the same data.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + data_rank * 7919 + step)
         with amp:
-            loss = task.loss(trained, task.batch(batch_size, g, device))
+            if parallel is None:
+                loss = logged = task.loss(trained, task.batch(batch_size, g, device))
+            else:
+                loss, logged = parallel.loss(task, trained, task.batch(batch_size, g, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(logged.item())
         progress.update(step + 1, losses[-1])
-        if rank == 0 and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, step + 1, args.task, cfg, losses)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            saved = (model, optimizer) if parallel is None else parallel.for_checkpoint(
+                model, optimizer, lambda: build_model(cfg).to(device))  # FSDP: a collective
+            if rank == 0:
+                save_checkpoint(out / CHECKPOINT, *saved, step + 1, args.task, cfg, losses)
     progress.close()
     train_s = time.perf_counter() - t0
+    if parallel is not None:  # a plain model (FSDP: with the full weights), attention unsplit
+        model, optimizer = parallel.for_checkpoint(model, optimizer, lambda: build_model(cfg).to(device))
+        model = parallel.finish(model)
 
     metrics = {}
     if rank == 0:
@@ -424,6 +458,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> TrainResult:
             log("matplotlib is not installed: no loss curve PNG")
         metrics = {"task": args.task, "steps": steps, "train_seconds": round(train_s, 2),
                    "final_loss": losses[-1] if losses else None, "world_size": world}
+        if parallel is not None:
+            metrics.update(context_parallel=args.context_parallel, cp_scheme=args.cp_scheme, fsdp=args.fsdp)
         if not args.no_eval:
             model.eval()
             metrics.update(task.evaluate(model, device))

@@ -149,3 +149,76 @@ def test_main_restores_the_callers_thread_count(tmp_path, small_eval):
     run(tmp_path, "--task", "reverse", "--steps", "2", "--batch-size", "4", "--threads", str(before + 1),
         "--no-eval")
     assert torch.get_num_threads() == before
+
+
+# Context parallelism: no dropout, since each rank draws the dropout masks of its own
+# shard; with it off, a sequence split over ranks must train like the whole sequence.
+CP_WORKER = """
+import sys
+import torch
+from fast_attn.models import ModelConfig, train
+
+config = train.CharTask.model_config
+train.CharTask.model_config = lambda self, preset: ModelConfig(**{**config(self, preset).to_dict(), "dropout": 0.0})
+train.CharTask.block_size = 32
+result = train.main(sys.argv[2:])
+torch.save({"state": result.model.state_dict(), "losses": result.losses, "world": result.world_size},
+           f"{sys.argv[1]}/rank{result.rank}.pt")
+"""
+CP_ARGS = ("--task", "chargpt", "--steps", "4", "--batch-size", "4", "--warmup", "2", "--no-eval")
+
+
+def torchrun(tmp_path, nproc, *args):
+    worker = tmp_path / "cp_worker.py"
+    worker.write_text(textwrap.dedent(CP_WORKER))
+    out = tmp_path / "cp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(worker), str(tmp_path), *CP_ARGS, "--device", "cpu", "--out", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)], out
+
+
+@pytest.fixture
+def no_dropout_chargpt(monkeypatch):
+    config = train.CharTask.model_config
+    monkeypatch.setattr(train.CharTask, "model_config",
+                        lambda self, preset: type(config(self, preset))(**{**config(self, preset).to_dict(),
+                                                                           "dropout": 0.0}))
+    monkeypatch.setattr(train.CharTask, "block_size", 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("--cp-scheme", "ring", "--fsdp"), ("--cp-scheme", "ulysses")],
+                         ids=["ring-fsdp2", "ulysses-ddp"])
+def test_context_parallel_training_matches_single_process(tmp_path, no_dropout_chargpt, extra):
+    single = run(tmp_path, *CP_ARGS, "--threads", "1", out="single")
+    ranks, out = torchrun(tmp_path, 2, "--context-parallel", "2", *extra)
+    for r in ranks:  # fp32: the same losses and weights up to rounding
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+        for name, value in single.model.state_dict().items():
+            torch.testing.assert_close(r["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["context_parallel"] == 2 and metrics["fsdp"] == ("--fsdp" in extra)
+    # the checkpoint has the single-process format (FSDP: gathered), so it reloads
+    model, state = train.load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 4 and len(state["optimizer"]["state"]) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_data_and_context_parallel_on_a_2x2_mesh(tmp_path, no_dropout_chargpt):
+    single = run(tmp_path, *CP_ARGS, "--steps", "1", "--threads", "1", out="single")
+    ranks, _ = torchrun(tmp_path, 4, "--context-parallel", "2")
+    # mesh (dp, cp) = (2, 2): ranks 0, 1 share a batch, ranks 2, 3 share another
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[2]["losses"] == ranks[3]["losses"]
+    assert ranks[0]["losses"] != ranks[2]["losses"]
+    assert ranks[0]["losses"][0] == pytest.approx(single.losses[0], rel=1e-6)  # same weights, same batch
+    for r in ranks[1:]:
+        for name, value in ranks[0]["state"].items():
+            assert torch.equal(r["state"][name], value), name
+
+
+def test_context_parallel_needs_ranks_to_split_over(tmp_path):
+    with pytest.raises(ValueError, match="must divide the number of processes"):
+        run(tmp_path, "--task", "chargpt", "--steps", "1", "--context-parallel", "2", "--no-eval")
