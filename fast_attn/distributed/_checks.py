@@ -36,7 +36,8 @@ def check_call(caller: str, q: Tensor, k: Tensor, v: Tensor, group, *, causal: b
                packed: bool = False) -> tuple[ProcessGroupInfo, CallOptions]:
     """Validates a call on this rank's shard; then compares shapes and options across ranks
     (dense calls; varlen calls compare their own sizes)."""
-    core.check_qkv(q, k, v, q_ndim=3 if packed else 4, layout="(total_local, Hkv, D)" if packed else "(B, S_local, Hkv, D)")
+    core.check_qkv(q, k, v, q_ndim=3 if packed else 4,
+                   layout="(total_local, Hkv, D)" if packed else "(B, S_local, Hkv, D)")
     seq_dim = 0 if packed else 1
     if k.shape[seq_dim] != q.shape[seq_dim]:
         raise ValueError(
@@ -66,8 +67,8 @@ def check_call(caller: str, q: Tensor, k: Tensor, v: Tensor, group, *, causal: b
             info,
             [*q.shape, k.shape[2], dtype_code(q.dtype), int(causal), *window,
              LAYOUTS.index(layout)],
-            ["batch", "S_local", "heads", "head_dim", "kv_heads", "dtype", "causal", "window_left",
-             "window_right", "layout"],
+            ["batch", "S_local", "heads", "head_dim", "kv_heads", "dtype(0=fp16,1=bf16,2=fp32,3=fp64)", "causal",
+             "window_left", "window_right", "layout"],
             caller=caller,
         )
     return info, opts

@@ -88,7 +88,8 @@ def _split_disjoint(pairs: list[_Pair]) -> list[list[_Pair]]:
 
 def _rows(ranges: list[tuple[int, int]], total: int, device) -> Optional[Tensor]:
     """Indices of the concatenated ranges, or None when they are exactly [0, total) in order."""
-    if ranges and ranges[0][0] == 0 and ranges[-1][1] == total and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
+    in_order = all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if ranges and ranges[0][0] == 0 and ranges[-1][1] == total and in_order:
         return None
     return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
 

@@ -26,7 +26,7 @@ import queue as queue_module
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
@@ -48,10 +48,12 @@ def _resolve(target: str) -> Callable:
 
 
 def _rank_main(rank: int, world: int, init_file: str, target: str, args: tuple, results, threads: int,
-               timeout_s: float) -> None:
+               timeout_s: float, backend: str) -> None:
     try:
         torch.set_num_threads(threads)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         value = _resolve(target)(*args)
         results.put((rank, True, value))
@@ -62,8 +64,10 @@ def _rank_main(rank: int, world: int, init_file: str, target: str, args: tuple, 
             dist.destroy_process_group()
 
 
-def run_ranks(target: Union[str, Callable], world: int, *args, timeout: float = 180.0, threads: int = 1) -> list:
-    """Runs ``target(*args)`` on ``world`` gloo ranks; returns the results by rank.
+def run_ranks(target: Union[str, Callable], world: int, *args, timeout: float = 180.0, threads: int = 1,
+              backend: str = "gloo") -> list:
+    """Runs ``target(*args)`` on ``world`` ranks (gloo; ``backend="nccl"`` for one GPU per
+    rank); returns the results by rank.
 
     ``target``: "package.module:function", or a module-level function of an importable
     module. Raises RuntimeError with the traceback of the first rank that failed, or
@@ -74,8 +78,9 @@ def run_ranks(target: Union[str, Callable], world: int, *args, timeout: float = 
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_rank_main, args=(r, world, init_file, target, args, results, threads, timeout),
-                             daemon=True) for r in range(world)]
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(r, world, init_file, target, args, results, threads, timeout, backend))
+                 for r in range(world)]
         for p in procs:
             p.start()
         try:
