@@ -61,7 +61,11 @@ def _parse(argv):
                                             "per call of each op, and fast_attn.nn vs torch.nn (its own --help)")
     single = sorted({op for m in MODULES.values() for op in _op_names(m)} - set(MODULES))
     aliases = _aliases()
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing windows")
+    quick, full = common.CPU_RULES[True], common.CPU_RULES[False]
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes and shorter timing windows (CPU: each row times until "
+                             f">= {quick.min_samples} calls and {quick.min_s} s, at most {quick.max_s:.0f} s, instead of "
+                             f">= {full.min_samples} and {full.min_s} s, at most {full.max_s:.0f} s)")
     parser.add_argument("--ops", default="",
                         help=f"comma-separated subset of {','.join(MODULES)} (or single ops: {','.join(single)}; "
                              + ", ".join(f"{a} = {','.join(o)}" for a, o in aliases.items()) + "); default: all")

@@ -103,7 +103,7 @@ TFLOP = 1e12
 FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "device-side assert",
                      "misaligned address", "illegal instruction")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # verify's --dtype names too
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -35,11 +35,13 @@ _BACKENDS = ("cuda", "triton", "torch")  # fast_attn.backends.BACKENDS (checked 
 PROGRESS_EVERY_S = 10.0
 # Terminal: how often the status line's elapsed time is refreshed.
 TTY_REFRESH_S = 1.0
-# Measured on the 2-core CPU development machine (no GPU), with other work sharing the
-# cores (1-minute load average 0.4-3): --quick ~10 s, --quick --interpret ~6 min
-# (benchmarks/NOTES.md, 2026-12-07 entry).
-QUICK_HELP = ("a subset of the cases: ~10 s on a 2-core CPU; with --interpret ~6 min there, almost all of it "
-              "the Triton interpreter on the attention cases (2026-12-07, shared machine)")
+# Measured on the 2-core CPU development machine (no GPU) on 2026-12-07, other work sharing
+# the cores: --quick 9 s (load 0.4-0.5); --quick --interpret 447 s (load 0.5 rising to 5)
+# and 444 s (load 3.7-4.7), 89% of it the Triton interpreter on the 84 attention,
+# attention_varlen and attention_with_kvcache checks (2-22 s each, spread over every
+# feature case: no few big cases to cut). benchmarks/NOTES.md has the entry.
+QUICK_HELP = ("the small cases only (testing_cases' quick subset): about 10 s on a 2-core CPU; with "
+              "--interpret about 7.5 min there, nearly all of it the Triton interpreter on the attention ops")
 
 
 def _comma_list(choices, what):
@@ -98,7 +100,7 @@ class _Progress:
     def __init__(self, total: int, stream=None, tty=None, every_s: float = PROGRESS_EVERY_S):
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.total, self.done, self.current = total, 0, ""
+        self.total, self.done, self.current = total, 0, "starting"
         self.every_s = TTY_REFRESH_S if self.tty else every_s
         self.start = self.last_line = time.perf_counter()
         self.lock = threading.Lock()
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
                 for column, name, device, runs in columns:
                     op_failures, op_start = 0, time.perf_counter()
                     for case in runs:
-                        progress.begin(f"{op} {name} {case.label} ({_SHORT_DTYPE[case.spec.dtype]})")
+                        progress.begin(f"{op} {name} {case.label}")  # the label names the dtype
                         ok, ratio, detail = _check(case, name, device, args.seed)
                         progress.advance()
                         op_failures += not ok

@@ -47,6 +47,13 @@ def test_options_parse():
     assert tuple(verify._BACKENDS) == backends.BACKENDS
 
 
+def test_help_names_every_op(capsys):
+    with pytest.raises(SystemExit):
+        verify._parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(op in text for op in backends.OPS)
+
+
 def test_one_op_runs_and_prints_its_progress(capsys):
     code = verify.main(["--ops", "rms_norm", "--quick", "--backends", "torch", "--dtype", "fp32"])
     out = capsys.readouterr().out
