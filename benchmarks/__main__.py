@@ -8,6 +8,7 @@
     python -m benchmarks --compare OLD.json      # run, then print what got faster / slower
     python -m benchmarks --compare OLD.json NEW.json   # compare two runs, run nothing
     python -m benchmarks overhead [--quick] [--out DIR] # host cost per call; fast_attn.nn vs torch.nn
+    python -m benchmarks context_parallel [--worlds 2,4] # ring / all-to-all attention over processes
 
 Without a CUDA GPU it runs what it can (the torch backend and torch's eager peers at
 small sizes), says that GPU figures need a GPU, writes the files and exits 0. CPU rows
@@ -58,7 +59,9 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="python -m benchmarks overhead [--quick] [--out DIR]: the host cost "
-                                            "per call of each op, and fast_attn.nn vs torch.nn (its own --help)")
+                                            "per call of each op, and fast_attn.nn vs torch.nn; python -m benchmarks "
+                                            "context_parallel [--sizes ...] [--worlds ...]: ring and all-to-all "
+                                            "attention over processes (each its own --help)")
     single = sorted({op for m in MODULES.values() for op in _op_names(m)} - set(MODULES))
     aliases = _aliases()
     quick, full = common.CPU_RULES[True], common.CPU_RULES[False]
@@ -255,6 +258,11 @@ def main(argv=None) -> int:
         from benchmarks import bench_overhead
 
         return bench_overhead.main(argv[1:])
+    if argv[:1] == ["context_parallel"]:  # ring / all-to-all over processes (bench_context_parallel.py)
+        from benchmarks import bench_context_parallel
+
+        bench_context_parallel.main(argv[1:], prog="python -m benchmarks context_parallel")
+        return 0
     args = _parse(argv)
     args.argv = argv
     try:  # read the files to compare before measuring anything: fail early on a bad one

@@ -213,8 +213,8 @@ def _markdown(env: dict, rows: list) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_context_parallel", description=__doc__.split("\n")[0])
+def main(argv=None, prog: str = "python -m benchmarks.bench_context_parallel") -> dict:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="512,1024,2048", help="global sequence lengths (multiples of 2 * W)")
     p.add_argument("--worlds", default="2,4", help="world sizes")
     p.add_argument("--schemes", default="ring,ulysses")

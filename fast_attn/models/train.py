@@ -3,8 +3,10 @@
 Tasks (no download; the data is generated or ships in the package):
 
 - ``reverse``: seq2seq, reverse a random digit string of 1..12 digits
-  ("3141" -> "1413"); the encoder-decoder ("transformer-tiny") learns it to >= 95%
-  exact match on held-out strings in well under 3 minutes on a 2-core CPU.
+  ("3141" -> "1413"); the encoder-decoder ("transformer-tiny") learns it in the default
+  600 steps: 100% exact match on 500 held-out strings, after 201 s of training (221 s in
+  all) on our 2-core CPU machine while other jobs loaded it (load average 2.5-4.8; one
+  thread chosen).
 - ``add``: seq2seq, multi-digit addition ("417+86" -> "503") with operands of 1..3 digits.
 - ``chargpt``: a character-level GPT ("gpt-tiny") on ``fast_attn/models/data/tiny_corpus.txt``
   (10 KB of prose written for this package); reports the held-out loss (last 10% of the
@@ -27,8 +29,8 @@ Examples::
 
 Writes to ``--out``: ``checkpoint.pt`` (model, optimizer, step, config, losses; reloaded
 by ``--resume``), ``loss.png`` (when matplotlib is installed) and ``metrics.json``.
-Progress shows as a tqdm bar when tqdm is installed, else as a line every ``--log-every``
-steps.
+Progress shows as a tqdm bar when tqdm is installed and stderr is a terminal, else as a
+line every ``--log-every`` steps (a bar redrawn into a log file would bury the log).
 
 Distributed: under ``torchrun`` (detected with ``torch.distributed.is_torchelastic_launched``)
 the process group is initialised from torchrun's environment (``env://``; gloo on CPU,
@@ -48,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -331,12 +334,13 @@ def save_loss_curve(path: Path, losses: list[float], title: str) -> bool:
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else a printed line every ``every`` steps."""
+    """A tqdm bar when tqdm is installed and stderr is a terminal, else a printed line
+    every ``every`` steps."""
 
     def __init__(self, start: int, total: int, every: int, enabled: bool) -> None:
         self.total, self.every, self.enabled, self.t0 = total, max(1, every), enabled, time.perf_counter()
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

@@ -229,3 +229,13 @@ def test_fast_block_matches_the_torch_layer():
     layer.eval()
     with torch.no_grad():
         torch.testing.assert_close(block(x), layer(x, src_mask=mask, is_causal=True))
+
+
+def test_context_parallel_subcommand_measures_each_scheme(tmp_path):
+    """`python -m benchmarks context_parallel` runs the ring and all-to-all schemes on gloo ranks."""
+    result = run_suite("context_parallel", "--sizes", "64", "--worlds", "2", "--reps", "2", "--warmup", "0",
+                       "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "context_parallel.json").read_text())["results"]
+    assert {(row["scheme"], row["world"]) for row in rows} >= {("ring", 2), ("ulysses", 2)}
+    assert all(row["median_ms"] > 0 for row in rows)
