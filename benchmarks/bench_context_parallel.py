@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fast_attn._host import usable_cores
 import torch.distributed as dist
 
 SCHEMES = ("ring", "ulysses")
@@ -170,7 +172,7 @@ def _environment(args) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "process_group_backend": "nccl" if cuda else "gloo",
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "threads_per_rank": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),

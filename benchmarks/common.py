@@ -44,6 +44,7 @@ from typing import Callable, ContextManager, Mapping, Optional, Sequence
 import torch
 
 from benchmarks import formulas
+from fast_attn._host import idle_cores, usable_cores
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -568,12 +569,6 @@ def _git_commit() -> Optional[str]:
     return result.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def loadavg_1m() -> Optional[float]:
     """The 1-minute load average (None where the OS has none)."""
     try:
@@ -583,13 +578,10 @@ def loadavg_1m() -> Optional[float]:
 
 
 def cpu_threads() -> int:
-    """torch threads for a CPU run: the idle cores (the cores this process may use less
-    the rounded 1-minute load average), at least 1, at most torch's current setting (so
-    OMP_NUM_THREADS or an explicit torch.set_num_threads still caps it). On a shared
-    machine, OpenMP threads on oversubscribed cores wait on each other: a 0.3 ms op then
-    measures ~50 ms, steadily (measured 2026-12-07 at load 3 on 2 cores)."""
-    load = loadavg_1m() or 0.0
-    return max(1, min(torch.get_num_threads(), _cpu_count() - round(load)))
+    """torch threads for a CPU run: the idle cores (``fast_attn._host.idle_cores``), at most
+    torch's current setting (so OMP_NUM_THREADS or an explicit torch.set_num_threads still
+    caps it)."""
+    return min(torch.get_num_threads(), idle_cores())
 
 
 def environment(device: torch.device) -> dict:
@@ -610,7 +602,7 @@ def environment(device: torch.device) -> dict:
         "compute_capability": None,
         "gpu_memory_gib": None,
         "cpu": platform.processor() or platform.machine(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": usable_cores(),
         "loadavg_1m_start": loadavg_1m(),
         "loadavg_1m_end": None,
         "torch_threads": torch.get_num_threads(),

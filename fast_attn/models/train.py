@@ -62,6 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fast_attn._host import idle_cores
 from fast_attn.models import ModelConfig, build_model
 
 __all__ = ["main", "TrainResult", "TASKS", "load_checkpoint"]
@@ -264,19 +265,6 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def idle_cores(local_ranks: int = 1) -> int:
-    """Threads for one of ``local_ranks`` CPU processes: the cores this process may use,
-    less the 1-minute load average (rounded), split among the ranks; at least 1. Oversubscribed
-    cores make torch's OpenMP threads wait on each other, which costs far more than the
-    second thread gains for the small models here."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = round(os.getloadavg()[0])
-    except OSError:  # not available on this platform
-        busy = 0
-    return max(1, min(cores, cores - busy) // max(1, local_ranks))
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:

@@ -136,12 +136,14 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path):
 
 
 def test_idle_cores_leaves_busy_cores_and_shares_among_ranks(monkeypatch):
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-    assert train.idle_cores() == 5          # 8 cores, about 3 busy
-    assert train.idle_cores(local_ranks=2) == 2
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
-    assert train.idle_cores() == 1          # never fewer than one
+    from fast_attn import _host
+
+    monkeypatch.setattr(_host.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(_host.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert _host.idle_cores() == 5          # 8 cores, about 3 busy
+    assert _host.idle_cores(local_ranks=2) == 2
+    monkeypatch.setattr(_host.os, "getloadavg", lambda: (11.0, 0.0, 0.0))
+    assert _host.idle_cores() == 1          # never fewer than one
 
 
 def test_main_restores_the_callers_thread_count(tmp_path, small_eval):
