@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fast_attn._host import usable_cores
-import torch.distributed as dist
 
 SCHEMES = ("ring", "ulysses")
 
