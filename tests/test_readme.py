@@ -34,3 +34,4 @@ def test_files_the_readme_points_at_exist():
     missing = sorted(p for p in paths if not (root / p).exists())
     assert not missing, f"README.md points at files that are not in the repository: {missing}"
     assert "DESIGN.md`" not in text.replace("DESIGN_NOTES.md`", ""), "DESIGN.md lives outside the repository"
+    assert "_MEASURED" not in text, "a figure still to be measured is left in the README"
