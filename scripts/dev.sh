@@ -15,9 +15,10 @@
 #   5.5 GB); on a machine without a GPU, the CPU build of torch 2.13.0 (about 1 GB; pip takes
 #   the file from this machine's disk, or the PyTorch CPU index elsewhere), unless
 #   FAST_ATTN_BUILD_CUDA=1 asks for the CUDA extension, which needs the CUDA build.
-# - Triton, numpy, pytest, ninja, matplotlib and tqdm; transformers and the nvidia-cutlass
-#   headers where a registry has them (optional: without them the Hugging Face tests skip
-#   and the sm_90a attention kernels are not built).
+# - Triton, numpy, pytest and ninja; where a registry has them (optional otherwise):
+#   matplotlib and tqdm (plots, progress bars), transformers (the Hugging Face tests skip
+#   without it) and, with a CUDA build of torch, the nvidia-cutlass headers (without them
+#   the sm_90a attention kernels are not built).
 # - fast_attn in editable mode, rebuilt only when setup.py, the build configuration, csrc/,
 #   torch or FAST_ATTN_BUILD_CUDA changed (a stamp in .venv). The CUDA extension is built
 #   where a GPU is present, or when FAST_ATTN_BUILD_CUDA=1 (CI sets it, so every submission
@@ -176,14 +177,21 @@ setup() {
   local triton=triton
   torch_has_cuda || triton="$TRITON_FOR_CPU_TORCH"
   local missing
-  mapfile -t missing < <(missing_modules numpy pytest ninja setuptools wheel matplotlib tqdm "triton=$triton")
+  mapfile -t missing < <(missing_modules numpy pytest ninja setuptools wheel "triton=$triton")
   if [ "${#missing[@]}" -gt 0 ]; then
     pip_install "${missing[*]}" "${missing[@]}"
   fi
-  # The Hugging Face integration's tests need transformers (the `hf` extra). Optional on a
-  # machine without a package registry, where those tests then skip and say so.
-  [ -n "$(missing_modules transformers)" ] && { pip_install "$TRANSFORMERS_PIN" "$TRANSFORMERS_PIN" \
-    || say "transformers unavailable: the Hugging Face tests will be skipped"; }
+  # Optional, for a machine without a package registry: plots and progress bars (the
+  # benchmarks and the training demo run without them), and transformers (the `hf` extra;
+  # the Hugging Face tests then skip and say so).
+  mapfile -t missing < <(missing_modules matplotlib tqdm)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    pip_install "${missing[*]}" "${missing[@]}" || say "${missing[*]} unavailable: no plots or progress bars"
+  fi
+  if [ -n "$(missing_modules transformers)" ]; then
+    pip_install "$TRANSFORMERS_PIN" "$TRANSFORMERS_PIN" \
+      || say "transformers unavailable: the Hugging Face tests will be skipped"
+  fi
   # The CuTe headers of the Hopper attention kernels (the nvidia-cutlass wheel, headers only;
   # its Python dependencies are not needed), for a CUDA build only. Without it the sm_90a
   # kernels are not built and Hopper runs the sm_80 attention kernels.
