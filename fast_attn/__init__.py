@@ -16,6 +16,7 @@ from fast_attn.ops.attention_kvcache import attention_with_kvcache
 from fast_attn.ops.attention_varlen import attention_varlen
 from fast_attn.ops.ffn import bias_gelu, geglu, swiglu
 from fast_attn.ops.norm import layer_norm, rms_norm
+from fast_attn.ops.rotary import rotary
 from fast_attn.integrations.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -48,6 +49,7 @@ __all__ = [
     "layer_norm",
     "nn",
     "rms_norm",
+    "rotary",
     "scaled_dot_product_attention",
     "swiglu",
     "use_backend",

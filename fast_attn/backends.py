@@ -1,6 +1,6 @@
 """Which backends exist on this machine, what each can compute, and which one a call gets.
 
-Three backends compute every op:
+Three backends compute the ops (the cuda backend all but ``rotary``):
 
 - ``"cuda"``:   the CUDA C++ kernels in ``fast_attn._C`` (built by setup.py or JIT-built
                 on first use), reached through ``fast_attn.cuda_backend``;
@@ -75,6 +75,13 @@ ATTENTION_FEATURES = frozenset(
 )
 NORM_FEATURES = frozenset({"weight", "bias", "residual", "backward"})
 ACTIVATION_FEATURES = frozenset({"bias", "gelu_tanh", "backward"})
+ROTARY_FEATURES = frozenset(
+    {
+        "interleaved",  # GPT-J pairs (2m, 2m + 1)
+        "batch_offsets",  # seqlen_offsets given as a per-batch tensor
+        "backward",  # the rotation by -sin (the backward pass)
+    }
+)
 
 OP_FEATURES: Mapping[str, frozenset] = {
     "attention": ATTENTION_FEATURES,
@@ -86,6 +93,7 @@ OP_FEATURES: Mapping[str, frozenset] = {
     "bias_gelu": ACTIVATION_FEATURES,
     "swiglu": ACTIVATION_FEATURES - {"bias", "gelu_tanh"},
     "geglu": ACTIVATION_FEATURES - {"bias"},
+    "rotary": ROTARY_FEATURES,
 }
 OPS = tuple(OP_FEATURES)
 
@@ -136,6 +144,7 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
         "geglu": Capability(KERNEL_DTYPES, OP_FEATURES["geglu"]),
         "layer_norm": Capability(KERNEL_DTYPES, OP_FEATURES["layer_norm"]),
         "rms_norm": Capability(KERNEL_DTYPES, OP_FEATURES["rms_norm"]),
+        "rotary": Capability(KERNEL_DTYPES, OP_FEATURES["rotary"]),
         # Learned-bias gradients (dmask, dslopes) are left to the torch backend.
         "attention": Capability(
             KERNEL_DTYPES, OP_FEATURES["attention"] - {"mask_grad", "alibi_grad"}, max_head_dim=256
@@ -147,6 +156,7 @@ CAPABILITIES: Mapping[str, Mapping[str, Capability]] = {
             KERNEL_DTYPES, OP_FEATURES["attention_with_kvcache"], max_head_dim=256
         ),
     },
+    # No rotary kernel in CUDA C++: auto sends rotary to triton or torch.
     "cuda": {
         "bias_gelu": Capability(KERNEL_DTYPES, OP_FEATURES["bias_gelu"]),
         "swiglu": Capability(KERNEL_DTYPES, OP_FEATURES["swiglu"]),
@@ -229,7 +239,7 @@ def _cuda_status() -> BackendStatus:
     if not available:
         return BackendStatus(False, reason)
     arch = device_arch(torch.device("cuda", torch.cuda.current_device()))
-    gated = _verified.unverified_ops("cuda", arch, OPS)
+    gated = _verified.unverified_ops("cuda", arch, [op for op in OPS if op in CAPABILITIES["cuda"]])
     if gated:
         reason = (
             f"{reason}; not yet verified on a GPU of compute capability {arch[0]}.{arch[1]} "

@@ -1,6 +1,6 @@
 """The cases every op is tested and verified on: one generator for the tests, verify and sanitize.
 
-Users: ``tests/ops/test_attention.py``, ``test_norm.py``, ``test_ffn.py`` (each case on
+Users: ``tests/ops/test_attention.py``, ``test_norm.py``, ``test_ffn.py``, ``test_rotary.py`` (each case on
 every backend that declares its features), ``python -m fast_attn.verify`` (``quick``
 subset with ``--quick``) and ``scripts/sanitize_cases.py`` (the ``sanitize_specs``).
 
@@ -151,6 +151,26 @@ class ActivationSpec:
     gpu: bool = False
 
 
+@dataclass(frozen=True)
+class RotarySpec:
+    """``fast_attn.rotary`` on ``(B, S, H, D)`` inputs with ``(seqlen_ro, rotary_dim / 2)`` tables."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    head_dim: int
+    rotary_dim: int = 0  # 0: head_dim
+    dtype: str = "float16"
+    interleaved: bool = False
+    # "none" (offset 0), "int" (ROTARY_INT_OFFSET), "int32" / "int64" (a per-batch tensor)
+    offsets: str = "none"
+    layout: str = "contiguous"  # or "transposed": a (B, H, S, D) tensor seen as (B, S, H, D)
+    x_dtype_tables: bool = False  # cos/sin in x's dtype (FlashAttention's convention), else fp32
+    quick: bool = True
+    gpu: bool = False
+    op = "rotary"
+
+
 _LABEL_SKIP = {"quick", "gpu", "op"}
 _SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
@@ -181,6 +201,9 @@ def label(spec) -> str:
         head = [f"fill{fill}", f"cache{spec.cache_len}", f"q{spec.seqlen_q}", f"new{spec.new_len}",
                 f"h{spec.heads}kv{spec.kv_heads}", f"d{spec.head_dim}"]
         shown = ("cache_seqlens", "cache_len", "seqlen_q", "new_len", "heads", "kv_heads", "head_dim")
+    elif isinstance(spec, RotarySpec):
+        head = [f"b{spec.batch}s{spec.seqlen}h{spec.heads}", f"d{spec.head_dim}"]
+        shown = ("batch", "seqlen", "heads", "head_dim")
     else:
         head = [spec.op, f"{spec.rows}x{spec.width}"]
         shown = ("op", "rows", "width")
@@ -513,10 +536,39 @@ def _activation_gpu_specs() -> list:
     return [replace(s, quick=False, gpu=True) for s in specs]
 
 
+# ------------------------------------------------------------------------ rotary specs
+
+ROTARY_INT_OFFSET = 5  # the "int" offsets of a RotarySpec
+ROTARY_MAX_OFFSET = 9  # per-batch offsets are drawn from [0, ROTARY_MAX_OFFSET]
+ROTARY_BASE = 10000.0
+
+
+def rotary_specs(gpu: bool = False) -> list:
+    R = RotarySpec
+    specs = [
+        R(2, 17, 3, 64), R(2, 17, 3, 64, interleaved=True),
+        R(3, 13, 5, 40, 24, "float32", offsets="int"),  # partial rotary, D not a power of two
+        R(3, 13, 5, 40, 24, "bfloat16", interleaved=True, offsets="int64"),
+        R(2, 9, 7, 72, 32, "float16", offsets="int32", layout="transposed"),
+        R(2, 33, 3, 30, 30, "float16", interleaved=True, layout="transposed", x_dtype_tables=True),  # 15 pairs
+        R(1, 1, 1, 2, dtype="float32"),  # one pair
+        R(2, 7, 4, 128, 64, "float32", interleaved=True, offsets="int64"),
+        R(0, 5, 3, 16, dtype="float32"),  # empty batch
+        R(4, 257, 8, 128, dtype="bfloat16", offsets="int64", quick=False),
+    ]
+    if gpu:
+        for dtype in ("float16", "bfloat16", "float32"):
+            for interleaved in (False, True):
+                for rotary_dim in (128, 64):
+                    specs.append(R(8, 2048, 32, 128, rotary_dim, dtype, interleaved, "int64", quick=False, gpu=True))
+            specs.append(R(4, 1023, 12, 80, 80, dtype, layout="transposed", quick=False, gpu=True))
+    return specs
+
+
 def all_specs(gpu: bool = False) -> list:
     """Every spec in report order (``spec.quick`` marks verify's --quick subset)."""
     return (attention_specs(gpu) + varlen_specs(gpu) + kvcache_specs(gpu) + norm_specs(gpu)
-            + activation_specs(gpu))
+            + activation_specs(gpu) + rotary_specs(gpu))
 
 
 # ---------------------------------------------------------------- sanitize (CUDA, small)
@@ -649,6 +701,8 @@ def build(spec) -> Case:
         return _norm_case(spec)
     if isinstance(spec, ActivationSpec):
         return _activation_case(spec)
+    if isinstance(spec, RotarySpec):
+        return _rotary_case(spec)
     raise TypeError(f"not a case spec: {spec!r}")
 
 
@@ -1036,6 +1090,51 @@ def _activation_case(spec: ActivationSpec) -> Case:
     return Case(spec, make, run, ref, names, feats)
 
 
+def _rotary_case(spec: RotarySpec) -> Case:
+    rotary_dim = spec.rotary_dim or spec.head_dim
+    seqlen_ro = spec.seqlen + ROTARY_MAX_OFFSET + 3  # a few rows past the last position used
+
+    def make(device, gen):
+        import torch
+
+        dtype = getattr(torch, spec.dtype)
+        b, s, h, d = spec.batch, spec.seqlen, spec.heads, spec.head_dim
+        if spec.layout == "transposed":
+            x = _randn(gen, device, dtype, (b, h, s, d)).transpose(1, 2)
+        else:
+            x = _randn(gen, device, dtype, (b, s, h, d))
+        # GPT-NeoX / Llama tables: angle pos * base^(-2m / rotary_dim)
+        inv_freq = ROTARY_BASE ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        angles = torch.outer(torch.arange(seqlen_ro, dtype=torch.float64), inv_freq)
+        table_dtype = dtype if spec.x_dtype_tables else torch.float32
+        inputs = {"x": x, "cos": angles.cos().to(device, table_dtype), "sin": angles.sin().to(device, table_dtype)}
+        if spec.offsets in ("int32", "int64"):
+            inputs["seqlen_offsets"] = torch.randint(0, ROTARY_MAX_OFFSET + 1, (b,), generator=gen).to(
+                device, getattr(torch, spec.offsets))
+        return inputs
+
+    def offsets(inputs):
+        return inputs.get("seqlen_offsets", ROTARY_INT_OFFSET if spec.offsets == "int" else 0)
+
+    def run(inputs, backend):
+        import fast_attn
+
+        return {"out": fast_attn.rotary(inputs["x"], inputs["cos"], inputs["sin"], interleaved=spec.interleaved,
+                                        seqlen_offsets=offsets(inputs), backend=backend)}
+
+    def ref(inputs, upcast):
+        from fast_attn.reference.rotary import rotary_ref
+
+        return {"out": rotary_ref(inputs["x"], inputs["cos"], inputs["sin"], spec.interleaved, offsets(inputs),
+                                  upcast=upcast)}
+
+    from fast_attn import backends
+
+    feats = backends.features(interleaved=spec.interleaved, batch_offsets=spec.offsets in ("int32", "int64"),
+                              backward=True)
+    return Case(spec, make, run, ref, ("x",), feats)
+
+
 # ============================================================================ evaluation
 
 
@@ -1221,6 +1320,8 @@ def skip_reason(case: Case, backend: str) -> Optional[str]:
         return reason
     if case.op in _DOT_OPS and case.dtype == torch.bfloat16:
         return "bf16 attention only on a GPU (the interpreter multiplies raw bf16 bits in tl.dot)"
+    if case.op == "rotary" and case.dtype == torch.bfloat16:
+        return "bf16 rotary only on a GPU (the interpreter truncates fp32 -> bf16 on store)"
     if not case.quick:
         return "the interpreter runs the quick cases; this one runs on a GPU"
     return None

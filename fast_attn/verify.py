@@ -70,7 +70,7 @@ def _parse(argv):
     parser.add_argument("--ops", default="",
                         help="comma-separated subset of the fast_attn ops (fast_attn.backends.OPS: attention, "
                              "attention_varlen, attention_with_kvcache, layer_norm, rms_norm, bias_gelu, swiglu, "
-                             "geglu; default: all)")
+                             "geglu, rotary; default: all)")
     parser.add_argument("--backends", type=_comma_list(_BACKENDS, "backend"), default=None,
                         help="comma-separated subset of cuda,triton,torch (default: all available)")
     parser.add_argument("--dtype", type=_comma_list(tuple(_DTYPES), "dtype"), default=None,

@@ -17,8 +17,8 @@ in its own process, and gives each tool the options it takes:
 
 ``--ops`` takes the names of ``fast_attn.backends.OPS`` and the benchmark groups
 (attention: attention and attention_varlen; decode: attention_with_kvcache; norm:
-layer_norm and rms_norm; ffn: bias_gelu, swiglu and geglu; block: the transformer block,
-benchmark only); a tool left with nothing to do is skipped, and says so.
+layer_norm and rms_norm; ffn: bias_gelu, swiglu and geglu; rotary: verify only; block:
+the transformer block, benchmark only); a tool left with nothing to do is skipped, and says so.
 
 Writes under the results folder: verify.txt (verify's output, which is also printed),
 and the benchmark's results.json, results.csv, report.md and plots/. Exits 1 when
@@ -47,6 +47,7 @@ OP_NAMES = {
     "norm": (("layer_norm", "rms_norm"), ("norm",)),
     "ffn": (("bias_gelu", "swiglu", "geglu"), ("ffn",)),
     "block": ((), ("block",)),
+    "rotary": (("rotary",), ()),  # verify only: no rotary benchmark yet
     **{name: ((name,), (name,)) for name in SINGLE_OPS},
 }
 BACKENDS = ("cuda", "triton", "torch")

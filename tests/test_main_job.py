@@ -33,6 +33,8 @@ def test_each_option_reaches_the_tools_that_take_it():
 def test_ops_only_one_tool_knows_leave_the_other_out():
     assert routed("--ops", "block") == (None, ["benchmarks", "--out", "/out", "--ops", "block"])
     assert routed("--ops", "attention_varlen")[1] is None
+    verify, bench = routed("--ops", "rotary")
+    assert verify[-1] == "rotary" and bench is None  # no rotary benchmark yet
     verify, bench = routed("--ops", "attention,decode")
     assert verify[-1] == "attention,attention_varlen,attention_with_kvcache" and bench[-1] == "attention,decode"
 

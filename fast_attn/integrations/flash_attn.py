@@ -77,6 +77,7 @@ from fast_attn.ops import _checks
 from fast_attn.ops.attention import attention, dropout_mask
 from fast_attn.ops.attention_kvcache import attention_with_kvcache
 from fast_attn.ops.attention_varlen import attention_varlen
+from fast_attn.ops.rotary import rotary
 from fast_attn.reference.attention import attention_ref, attention_varlen_ref
 
 __all__ = [
@@ -490,29 +491,6 @@ def _check_append(cache_seqlens: object, batch: int, cache_len: int, new_len: in
     return cache_seqlens
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
-    """Rotary embedding of the first ``rotary_dim = 2 * cos.shape[1]`` features of x.
-
-    x: ``(B, S, H, D)``; cos, sin: ``(seqlen_ro, rotary_dim / 2)``; positions: int64
-    ``(B, S)``. Pair ``(x1, x2)`` at position p with angle index m becomes
-    ``(x1 cos - x2 sin, x1 sin + x2 cos)`` of ``cos[p, m]``, ``sin[p, m]``; pairs are
-    features ``(2m, 2m + 1)`` when interleaved (GPT-J), else ``(m, m + rotary_dim / 2)``
-    (GPT-NeoX). Computed in fp32 (fp64 for fp64 x); features past rotary_dim pass through.
-    """
-    half = cos.shape[1]
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = cos[positions].to(compute).unsqueeze(2)  # (B, S, 1, R/2)
-    s = sin[positions].to(compute).unsqueeze(2)
-    rot = x[..., : 2 * half].to(compute)  # (B, S, H, R)
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
-
-
 def _apply_rotary(q, k, k_cache, rotary_cos, rotary_sin, cache_seqlens, interleaved,
                   per_token_q) -> tuple[Tensor, Tensor]:
     """flash_attn's rotary embedding before the append: new key i of row b is rotated at
@@ -549,20 +527,20 @@ def _apply_rotary(q, k, k_cache, rotary_cos, rotary_sin, cache_seqlens, interlea
         )
     batch, seqlen_q = q.shape[0], q.shape[1]
     new_len = k.shape[1]
-    start = _check_append(cache_seqlens, batch, cache_len, new_len, q.device).long().view(batch, 1)
-    k_positions = start + torch.arange(new_len, device=q.device)  # (B, S_new)
+    start = _check_append(cache_seqlens, batch, cache_len, new_len, q.device).long()  # (B,)
     if per_token_q:
-        q_positions = start + torch.arange(seqlen_q, device=q.device)  # (B, Sq)
-        last = int(q_positions.max()) if q_positions.numel() else 0
+        last = int(start.max()) + seqlen_q - 1 if start.numel() and seqlen_q else 0
         if last >= seqlen_ro:
             raise ValueError(
                 f"query positions cache_seqlens + i reach {last}, past the {seqlen_ro} rows "
                 "of rotary_cos/rotary_sin"
             )
-    else:
-        q_positions = start.expand(batch, seqlen_q)
-    return (_rotate(q, rotary_cos, rotary_sin, q_positions, interleaved),
-            _rotate(k, rotary_cos, rotary_sin, k_positions, interleaved))
+        q = rotary(q, rotary_cos, rotary_sin, interleaved=interleaved, seqlen_offsets=start)
+    else:  # every query of row b at position start_b: its Sq x H vectors as the heads of one position
+        flat = q.reshape(batch, 1, seqlen_q * q.shape[2], head_dim)
+        q = rotary(flat, rotary_cos, rotary_sin, interleaved=interleaved, seqlen_offsets=start).view(q.shape)
+    # new key i of row b at position start_b + i
+    return q, rotary(k, rotary_cos, rotary_sin, interleaved=interleaved, seqlen_offsets=start)
 
 
 def _attend_gathered(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, options):

@@ -8,8 +8,9 @@ Attention is ``fast_attn.attention(causal=True)`` in training and
 ``fast_attn.attention_with_kvcache`` when generating: each step appends its keys/values to
 a preallocated ``(B, max_len, n_kv_heads, head_dim)`` cache in place and attends over the
 filled part (bottom-right causal alignment makes the prompt's prefill the same call).
-Rotary positions (``positions="rotary"``) rotate q and k before they reach the cache,
-pairing dimension i with i + head_dim/2 (GPT-NeoX's "rotate half" layout).
+Rotary positions (``positions="rotary"``) rotate q and k before they reach the cache
+(``fast_attn.nn.RotaryEmbedding`` on the ``fast_attn.rotary`` op), pairing dimension i
+with i + head_dim/2 (GPT-NeoX's "rotate half" layout).
 The residual add in the middle of each block is fused into norm2
 (``fast_attn.layer_norm(..., residual=)`` / ``rms_norm``); the MLP is
 ``fast_attn.nn.FeedForward`` (fused bias+GELU, SwiGLU or GeGLU).
@@ -17,6 +18,7 @@ The residual add in the middle of each block is fused into norm2
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -24,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fast_attn import attention, attention_with_kvcache, layer_norm, rms_norm
+from fast_attn import attention, attention_with_kvcache, layer_norm, rms_norm, rotary
 from fast_attn import nn as fnn
 from fast_attn.models.config import ModelConfig
 from fast_attn.models.transformer import sinusoidal_positions
+from fast_attn.nn.rotary import rotary_tables as _module_tables
 
 __all__ = ["GPT", "rotary_tables", "apply_rotary"]
 
@@ -35,17 +38,14 @@ INIT_STD = 0.02  # GPT-2's initialisation
 
 
 def rotary_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each ``(max_len, head_dim / 2)`` fp32: angle ``pos * base^(-2i/head_dim)``."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    """(cos, sin), each ``(max_len, head_dim / 2)`` fp32: angle ``pos * base^(-2i/head_dim)``
+    (the tables of ``fast_attn.nn.RotaryEmbedding``)."""
+    return _module_tables(max_len, head_dim, base)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotates ``x (B, S, H, D)`` by the angles of its positions, ``cos``/``sin (S, D/2)``."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, S, H, D/2) each
-    cos, sin = cos[:, None], sin[:, None]  # (S, 1, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return rotary(x, cos, sin)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -79,15 +79,15 @@ class CausalSelfAttention(nn.Module):
         # attention of a sequence shard here; None = fast_attn.attention.
         self.attention_fn: Optional[Callable] = None
 
-    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]],
+    def forward(self, x: Tensor, rope: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]],
                 cache: Optional[tuple[Tensor, Tensor]] = None, start_pos: int = 0) -> Tensor:
         kv_dim = self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))  # (B, S, H, D)
         k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, S, Hkv, D)
         v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, S, Hkv, D)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if rope is not None:  # (q, k) -> (q, k) rotated at this call's positions
+            q, k = rope(q, k)
         if cache is None:
             attend = attention if self.attention_fn is None else self.attention_fn
             y = attend(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -122,11 +122,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        if cfg.positions == "rotary":
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        elif cfg.positions == "sinusoidal":
+        # Non-persistent tables (no state_dict entries): checkpoints load either way.
+        self.rotary = (fnn.RotaryEmbedding(cfg.head_dim, cfg.rope_base, max_seq_len=cfg.max_seq_len)
+                       if cfg.positions == "rotary" else None)
+        if cfg.positions == "sinusoidal":
             self.register_buffer("pe", sinusoidal_positions(cfg.max_seq_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -170,8 +169,10 @@ class GPT(nn.Module):
             x = x + self.wpe.weight[positions]
         elif self.cfg.positions == "sinusoidal":
             x = x + self.pe[positions]
+        elif position_ids is None:
+            rope = functools.partial(self.rotary, seqlen_offset=start_pos)
         else:
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            rope = functools.partial(self.rotary, position_ids=position_ids)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if kv_cache is None else kv_cache[i], start_pos)
