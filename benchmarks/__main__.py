@@ -19,8 +19,6 @@ record their number of samples and spread; noisy ones are marked and never ranke
 from __future__ import annotations
 
 import argparse
-import datetime
-import re
 import shlex
 import signal
 import sys
@@ -106,12 +104,6 @@ def _parse(argv):
     if bad:
         parser.error(f"--backends: unknown {bad}; choose from {list(backends.BACKENDS)}")
     return args
-
-
-def _default_out(env: dict) -> Path:
-    date = datetime.date.today().isoformat()
-    where = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-") if env["gpu"] else "cpu"
-    return common.REPO_ROOT / "benchmarks" / "results" / f"{date}-{where}"
 
 
 def _selected_cases(args, ctx) -> list:
@@ -276,7 +268,7 @@ def main(argv=None) -> int:
     old = compared[0] if compared else None
 
     result, interrupted = run(args)
-    out = Path(args.out) if args.out else _default_out(result["env"])
+    out = Path(args.out) if args.out else common.default_results_dir(result["env"]["gpu"])
     print()
     report.print_report(result)
     paths = report.write_all(result, out)

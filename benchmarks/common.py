@@ -35,6 +35,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,13 @@ FATAL_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "dev
                      "misaligned address", "illegal instruction")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # verify's --dtype names too
+
+
+def default_results_dir(gpu_name: Optional[str]) -> Path:
+    """benchmarks/results/<date>-<GPU name as a slug, or cpu>/: where a run writes by default
+    (the suite, and the main job that puts verify's log beside it)."""
+    where = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") if gpu_name else "cpu"
+    return REPO_ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{where}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -28,8 +28,6 @@ verify finds a failure, else with the benchmark's status.
 from __future__ import annotations
 
 import argparse
-import datetime
-import re
 import subprocess
 import sys
 import time
@@ -114,13 +112,13 @@ def tool_commands(args: argparse.Namespace, out: Path) -> tuple[list[str] | None
 
 
 def default_out() -> Path:
-    """The benchmark's own default: benchmarks/results/<date>-<gpu name or cpu>/."""
+    """The benchmark's own default folder (``benchmarks.common.default_results_dir``)."""
     import torch
 
-    where = "cpu"
-    if torch.cuda.is_available():
-        where = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return REPO_ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{where}"
+    sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` is a folder of the checkout
+    from benchmarks.common import default_results_dir
+
+    return default_results_dir(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
 def run_logged(argv: list[str], log: Path) -> int:
