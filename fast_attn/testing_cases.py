@@ -1335,6 +1335,22 @@ def pytest_params(specs) -> list:
             for spec in specs]
 
 
+def assert_matches_reference(case: Case, backend: str, before=None) -> None:
+    """The op test of every family: skip (with the reason) what ``backend`` does not run
+    here, else run ``case`` on it with NaN-poisoned memory and assert the tolerance rule.
+    ``before(case)`` runs just before the op (e.g. pinning Triton tiles)."""
+    import pytest
+
+    reason = skip_reason(case, backend)
+    if reason:
+        pytest.skip(reason)
+    if before is not None:
+        before(case)
+    with nan_poisoned():
+        result = evaluate(case, backend, device_for(backend))
+    assert result, f"{case.label} on {backend}: {result.report()}"
+
+
 def norm_reference_run(op: str, inputs, dy, dh, eps: float, upcast: bool):
     """Outputs and gradients (of each of ``inputs`` = x, weight, bias, residual; None for an
     absent one) of the reference norm, by autograd: on fp64 copies when ``upcast`` (the

@@ -68,14 +68,7 @@ def pin_triton_tiles(monkeypatch):
 @pytest.mark.parametrize("backend", tc.BACKEND_NAMES)
 @pytest.mark.parametrize("case", tc.pytest_params(SPECS))
 def test_matches_reference(case, backend, pin_triton_tiles):
-    reason = tc.skip_reason(case, backend)
-    if reason:
-        pytest.skip(reason)
-    if backend == "triton":
-        pin_triton_tiles(case)
-    with tc.nan_poisoned():
-        result = tc.evaluate(case, backend, tc.device_for(backend))
-    assert result, f"{case.label} on {backend}: {result.report()}"
+    tc.assert_matches_reference(case, backend, before=pin_triton_tiles if backend == "triton" else None)
 
 
 def test_cases_cover_the_design():

@@ -30,9 +30,4 @@ SPECS = tc.activation_specs(ON_GPU)
 @pytest.mark.parametrize("backend", tc.BACKEND_NAMES)
 @pytest.mark.parametrize("case", tc.pytest_params(SPECS))
 def test_matches_reference(case, backend):
-    reason = tc.skip_reason(case, backend)
-    if reason:
-        pytest.skip(reason)
-    with tc.nan_poisoned():
-        result = tc.evaluate(case, backend, tc.device_for(backend))
-    assert result, f"{case.label} on {backend}: {result.report()}"
+    tc.assert_matches_reference(case, backend)
